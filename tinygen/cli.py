@@ -1,0 +1,73 @@
+"""The `tinygen` command: one subcommand per module in `tinygen.commands`.
+
+Each command module has `add_parser(subparsers)`, which registers its flags
+and `set_defaults(run=run)`; `run(args) -> int` is an importable function.
+Bad input (`TinygenError`, a missing file) becomes one line on stderr and
+exit code 2, never a traceback.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .errors import TinygenError
+
+
+def add_dataclass_arguments(parser, cls, help: dict, skip=()):
+    """One `--flag` per field of dataclass `cls`, typed as declared; default None.
+
+    `--max-steps 0` or `--dropout 0` are real values, so "not given" is None,
+    which `dataclass_overrides` drops. Booleans become `--flag/--no-flag`.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        text = help.get(field.name, "")
+        if field.default is not dataclasses.MISSING:
+            text += f" (default: {field.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            if typing.get_origin(kind) is typing.Union:  # Optional[X]
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
+
+
+def dataclass_overrides(args, cls) -> dict:
+    """The fields of `cls` that the user gave on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import COMMANDS
+
+    parser = argparse.ArgumentParser(
+        prog="tinygen",
+        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"tinygen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinygen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
