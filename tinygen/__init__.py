@@ -1,0 +1,13 @@
+"""tinygen: a NumPy-only GPT-2, written to be read.
+
+    from tinygen import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    loss, grads = model.loss_and_grads(idx, targets)
+"""
+from .config import GPTConfig
+from .errors import TinygenError
+from .numerical import check_layer, check_model, gradcheck
+from .model import GPT, KVCache
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "TinygenError", "gradcheck", "check_layer", "check_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""The elementwise and per-row layers of GPT-2, each a forward/backward pair.
+
+Contract (cs231n / llm.c style): `foo_forward(x, *weights) -> (out, cache)`
+and `foo_backward(dout, cache) -> (dx, *dweights)`, gradients in the order of
+the forward's arguments. Backward functions return fresh arrays and never
+modify `dout` or the cache. Attention lives in attention.py, the loss in
+loss.py; docs/layers.md derives every backward below.
+
+Shapes: B batch, T time, C width (n_embd), V vocabulary, N any output width.
+Scalars are Python floats, so a float32 array stays float32 (under NumPy 2's
+promotion rules an np.float64 scalar would silently promote it).
+"""
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+GELU_K = math.sqrt(2.0 / math.pi)  # tanh-GELU's inner scale, sqrt(2/pi)
+GELU_A = 0.044715  # tanh-GELU's cubic coefficient
+
+
+# ---------------------------------------------------------------- linear
+class LinearCache(NamedTuple):
+    x: np.ndarray  # (..., C_in) the input
+    w: np.ndarray  # (C_in, N)   the weight, stored (in, out) as GPT-2's Conv1D
+
+
+def linear_forward(x, w, b):
+    """out = x @ w + b.  x (..., C_in), w (C_in, N), b (N,) or None -> out (..., N)."""
+    out = x.reshape(-1, x.shape[-1]) @ w  # (M, N), M = prod(leading dims): one BLAS call
+    if b is not None:
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)
+
+
+def linear_backward(dout, cache):
+    """dx = dout @ w.T, dw = x.T @ dout (summed over all leading dims), db = sum(dout).
+
+    dout (..., N) -> dx (..., C_in), dw (C_in, N), db (N,).
+    """
+    x, w = cache
+    x2 = x.reshape(-1, x.shape[-1])  # (M, C_in)
+    d2 = dout.reshape(-1, dout.shape[-1])  # (M, N)
+    dx = (d2 @ w.T).reshape(x.shape)
+    dw = x2.T @ d2  # (C_in, N)
+    db = d2.sum(axis=0)  # (N,)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------- embedding
+class EmbeddingCache(NamedTuple):
+    ids: np.ndarray  # (...) integer ids, the rows that were read
+    vocab_size: int  # rows of the table
+
+
+def embedding_forward(ids, w):
+    """out = w[ids]: a row lookup.  ids (...) ints, w (V, C) -> out (..., C).
+
+    >>> embedding_forward(np.array([2, 0]), np.arange(6.).reshape(3, 2))[0]
+    array([[4., 5.], [0., 1.]])
+    """
+    return w[ids], EmbeddingCache(ids, w.shape[0])
+
+
+def embedding_backward(dout, cache):
+    """dw[v] = sum of dout at every position whose id is v: a scatter-add.
+
+    Repeated ids must add up, which plain `dw[ids] += dout` would not do
+    (it keeps only the last write); `np.add.at` is the unbuffered version.
+    dout (..., C) -> dw (V, C).
+    """
+    ids, vocab_size = cache
+    C = dout.shape[-1]
+    dw = np.zeros((vocab_size, C), dtype=dout.dtype)
+    np.add.at(dw, ids.reshape(-1), dout.reshape(-1, C))
+    return (dw,)
+
+
+# ------------------------------------------------------------ layer norm
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) normalised input (x - mean) * rstd
+    rstd: np.ndarray  # (..., 1) 1 / sqrt(var + eps)
+    w: np.ndarray  # (C,) gain
+
+
+def layernorm_forward(x, w, b, eps=LN_EPS):
+    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
+
+    x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var 0,
+    so rstd = 1/sqrt(eps) stays finite and xhat is exactly 0.
+    """
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean
+    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1) biased, as GPT-2
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = xc * rstd
+    out = xhat * w + b
+    return out, LayerNormCache(xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """With g = dout * w (gradient w.r.t. xhat):
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+        dw = sum(dout * xhat),  db = sum(dout)   (sums over all leading dims)
+
+    The two means remove the directions that normalisation projects out
+    (shifting the row, scaling it). Uses cache.xhat, cache.rstd, cache.w.
+    """
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    g = dout * w  # (..., C)
+    dx = g - g.mean(axis=-1, keepdims=True)
+    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
+    dx *= rstd
+    dw = np.einsum("mc,mc->c", dout.reshape(-1, C), xhat.reshape(-1, C))
+    db = dout.reshape(-1, C).sum(axis=0)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------ GELU
+class GeluCache(NamedTuple):
+    x: np.ndarray  # (...) the input
+    t: np.ndarray  # (...) tanh(GELU_K * (x + GELU_A x^3))
+
+
+def gelu_forward(x):
+    """GPT-2's tanh approximation ("gelu_new"):
+
+        gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    """
+    t = np.tanh(GELU_K * (x + GELU_A * (x * x * x)))
+    out = 0.5 * x * (1.0 + t)
+    return out, GeluCache(x, t)
+
+
+def gelu_backward(dout, cache):
+    """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    x, t = cache
+    dgelu = 0.5 * (1.0 + t) + (0.5 * GELU_K) * x * (1.0 - t * t) * (1.0 + (3.0 * GELU_A) * (x * x))
+    return (dout * dgelu,)
+
+
+# --------------------------------------------------------------- dropout
+class DropoutCache(NamedTuple):
+    mask: Optional[np.ndarray]  # (...) 0 or 1/(1-p) per element; None when p == 0
+
+
+def dropout_mask(shape, p, rng, dtype):
+    """Inverted dropout's mask: 1/(1-p) with probability 1-p, else 0 (so E[mask] = 1)."""
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+def dropout_forward(x, p=0.0, rng=None, mask=None):
+    """out = x * mask. `mask` given: use it (gradient checks fix it); else draw one
+    from `rng` when p > 0; p == 0 or no rng (evaluation): the identity."""
+    if mask is None and p > 0.0 and rng is not None:
+        mask = dropout_mask(x.shape, p, rng, x.dtype)
+    if mask is None:
+        return x, DropoutCache(None)
+    return x * mask, DropoutCache(mask)
+
+
+def dropout_backward(dout, cache):
+    """dx = dout * mask (the identity when there was no mask)."""
+    return (dout if cache.mask is None else dout * cache.mask,)
+
+
+# --------------------------------------------------------------- softmax
+def softmax(x, axis=-1):
+    """exp(x - max) / sum(exp(x - max)): subtracting the row max changes nothing
+    mathematically and keeps exp from overflowing (logits of 1e4 are fine).
+
+    >>> softmax(np.array([1e4, 1e4]))
+    array([0.5, 0.5])
+    """
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e

@@ -1,0 +1,356 @@
+"""The optimizer: AdamW over one flat buffer, gradient clipping, the LR schedule.
+
+Shapes: N is the number of trainable scalars, the sum of `p.size` over the
+trainable parameters; every optimizer buffer below is a 1-D array of length N.
+
+The flat buffer trick. `FlatParams` copies a dict of arrays into ONE
+contiguous 1-D buffer and hands back a dict of *views* into it, one per name,
+with the original shapes. Writing through a view writes the buffer and the
+other way round, so the model keeps indexing `params["h.0.attn.c_attn.weight"]`
+while the optimizer updates all of them with a handful of whole-buffer NumPy
+operations instead of a Python loop per tensor:
+
+    buffer:  [ wte.weight ... | h.0.attn.c_attn.weight ... | ln_f.bias ]
+    views:     (V, C)            (C, 3C)                      (C,)
+
+`AdamW` packs the trainable parameters in the order [decayed | not decayed],
+so decoupled weight decay is one slice, `p[:n_decay] *= 1 - lr * wd`.
+
+Contract:
+- `AdamW(params, ...)` rebinds each trainable `params[name]` to a view into
+  its flat buffer (same values, shape and dtype). From then on write
+  parameters in place, `params[name][...] = value`; `step` raises if an
+  entry was replaced by another array. Frozen parameters are left alone and
+  get no optimizer state.
+- `step(grads, lr)` takes the already-accumulated gradients (gradient
+  accumulation is the training loop's job) as a dict with the parameters'
+  keys, shapes and dtype; `opt.grads` is a preallocated dict of views into a
+  flat gradient buffer that the loop may accumulate into directly.
+- Nothing is ever promoted: float32 parameters keep float32 moments.
+"""
+import math
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from .errors import TinygenError
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
+
+
+# ---------------------------------------------------------------------------
+# one contiguous buffer, many named views
+# ---------------------------------------------------------------------------
+
+
+class FlatParams:
+    """Named arrays packed into one contiguous 1-D buffer.
+
+    `buffer` is the 1-D array; `views[name]` is `buffer[start:stop]` reshaped
+    to the original shape; `slices[name]` is that (start, stop) range.
+
+    >>> flat = FlatParams({"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)})
+    >>> flat.buffer.shape, flat.slices
+    ((9,), {'w': (0, 6), 'b': (6, 9)})
+    >>> flat.views["b"][:] = 7; flat.buffer[6:]     # a view writes the buffer
+    array([7., 7., 7.], dtype=float32)
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], order: Iterable[str] | None = None):
+        names = list(arrays) if order is None else list(order)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise TinygenError(f"FlatParams: order names {missing} that are not in the arrays")
+        dtypes = {np.asarray(arrays[n]).dtype for n in names}
+        if len(dtypes) > 1:
+            raise TinygenError(
+                f"FlatParams: all arrays must share one dtype, got {sorted(map(str, dtypes))}"
+            )
+        dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
+        self.shapes = {n: np.shape(arrays[n]) for n in names}
+        self.slices, start = {}, 0
+        for n in names:
+            stop = start + math.prod(self.shapes[n])
+            self.slices[n] = (start, stop)
+            start = stop
+        self.buffer = np.empty(start, dtype=dtype)  # (N,)
+        self.views = self.views_of(self.buffer)
+        for n in names:
+            self.views[n][...] = arrays[n]
+
+    @property
+    def size(self) -> int:
+        return self.buffer.size
+
+    def views_of(self, buffer: np.ndarray) -> dict[str, np.ndarray]:
+        """Views with this layout into another (N,) buffer: gradients, moments."""
+        assert buffer.shape == self.buffer.shape, (buffer.shape, self.buffer.shape)
+        return {
+            n: buffer[start:stop].reshape(self.shapes[n])
+            for n, (start, stop) in self.slices.items()
+        }
+
+    def zeros(self) -> np.ndarray:
+        """A fresh (N,) buffer of zeros with this layout's dtype."""
+        return np.zeros_like(self.buffer)
+
+    def flatten(self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None,
+                what: str = "arrays") -> np.ndarray:
+        """Copy a dict with this layout's names, shapes and dtype into an (N,) buffer.
+
+        Extra names in `arrays` are ignored; a missing name, another shape or
+        another dtype is a TinygenError naming `what` and the key.
+        """
+        out = self.zeros() if out is None else out
+        for n, (start, stop) in self.slices.items():
+            if n not in arrays:
+                raise TinygenError(f"{what} has no entry {n!r}; expected one for every trainable parameter")
+            a = arrays[n]
+            if np.shape(a) != self.shapes[n]:
+                raise TinygenError(f"{what}[{n!r}] has shape {np.shape(a)}, expected {self.shapes[n]}")
+            if a.dtype != self.buffer.dtype:
+                raise TinygenError(
+                    f"{what}[{n!r}] has dtype {a.dtype}, expected {self.buffer.dtype} like the parameters"
+                )
+            out[start:stop] = a.reshape(-1)
+        return out
+
+
+def _name_predicate(trainable, params: Mapping) -> Callable[[str], bool]:
+    """None -> every name; a callable -> itself; a collection of names -> membership."""
+    if trainable is None:
+        return lambda name: True
+    if callable(trainable):
+        return trainable
+    names = set(trainable)
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise TinygenError(f"trainable names {unknown} are not parameters of the model")
+    return names.__contains__
+
+
+# ---------------------------------------------------------------------------
+# AdamW
+# ---------------------------------------------------------------------------
+
+
+class AdamW:
+    """AdamW (Loshchilov & Hutter) with decoupled weight decay, as torch.optim.AdamW.
+
+    One step, t = t + 1, over the flat buffers p, g, m, v of length N:
+
+        p[:n_decay] *= 1 - lr * weight_decay         # decoupled decay, 2-D weights only
+        m = m + (1 - beta1) * (g - m)                # = beta1 m + (1 - beta1) g
+        v = beta2 * v + (1 - beta2) * g * g
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        step_size = lr / bias_correction1
+        denom = sqrt(v) / sqrt(bias_correction2) + eps
+        p -= step_size * m / denom
+
+    which is p -= lr * (mhat / (sqrt(vhat) + eps')) with mhat = m / bias_correction1,
+    vhat = v / bias_correction2 (eps' = eps * sqrt(bias_correction2) is torch's
+    placement of eps, followed here). The order of operations is torch's
+    `_single_tensor_adam(w)`, so results agree to float rounding.
+
+    `trainable`: None (all), a predicate on the name, or a collection of names.
+    `decay(name, p)`: which trainable parameters get weight decay; by default
+    those with 2 or more dimensions (matrices and embeddings, not biases or
+    layer norm gains).
+    """
+
+    def __init__(self, params: dict, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1,
+                 decay: Callable[[str, np.ndarray], bool] = lambda name, p: p.ndim >= 2,
+                 trainable=None):
+        beta1, beta2 = betas
+        for label, value, ok in [
+            ("lr", lr, lr >= 0), ("beta1", beta1, 0 <= beta1 < 1),
+            ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, eps > 0),
+            ("weight_decay", weight_decay, weight_decay >= 0),
+        ]:
+            if not ok:
+                raise TinygenError(f"AdamW {label} = {value!r} is out of range")
+        self.params, self.lr, self.betas = params, float(lr), (float(beta1), float(beta2))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        is_trainable = _name_predicate(trainable, params)
+        names = [n for n in params if is_trainable(n)]
+        decayed = [n for n in names if decay(n, params[n])]
+        self.decayed = set(decayed)
+        self.frozen = [n for n in params if n not in set(names)]
+        self.n_decay = sum(params[n].size for n in decayed)  # p[:n_decay] gets weight decay
+
+        self.flat = FlatParams(params, order=decayed + [n for n in names if n not in self.decayed])
+        params.update(self.flat.views)  # the caller's dict now holds views into flat.buffer
+        self.m = self.flat.zeros()  # (N,) first moment
+        self.v = self.flat.zeros()  # (N,) second moment
+        self.t = 0  # number of steps taken
+        self.grad_buffer = self.flat.zeros()  # (N,) for the loop to accumulate into
+        self.grads = self.flat.views_of(self.grad_buffer)
+        self._g = self.flat.zeros()  # (N,) gradients gathered from a dict
+        self._tmp = self.flat.zeros()  # (N,) scratch, so no step allocates
+
+    @property
+    def names(self) -> list[str]:
+        """Trainable parameter names, in buffer order."""
+        return list(self.flat.slices)
+
+    def zero_grad(self) -> None:
+        """Zero `grads` (the views into `grad_buffer`) before accumulating a step."""
+        self.grad_buffer.fill(0)
+
+    def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
+        """One AdamW update of every trainable parameter, in place."""
+        lr = self.lr if lr is None else float(lr)
+        self._check_params_are_views()
+        if grads is self.grads:
+            g = self.grad_buffer
+        else:
+            g = self.flat.flatten(grads, out=self._g, what="grads")
+        p, m, v, tmp = self.flat.buffer, self.m, self.v, self._tmp  # all (N,)
+        beta1, beta2 = self.betas
+        self.t += 1
+
+        if self.weight_decay and self.n_decay:
+            p[: self.n_decay] *= 1 - lr * self.weight_decay
+
+        np.subtract(g, m, out=tmp)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+        tmp *= 1 - beta1
+        m += tmp
+        np.multiply(g, 1 - beta2, out=tmp)  # torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+        tmp *= g
+        v *= beta2
+        v += tmp
+
+        bias_correction1 = 1 - beta1**self.t
+        bias_correction2 = 1 - beta2**self.t
+        step_size = lr / bias_correction1
+        denom = np.sqrt(v, out=tmp)
+        denom /= math.sqrt(bias_correction2)
+        denom += self.eps
+        update = np.divide(m, denom, out=tmp)  # torch: param.addcdiv_(exp_avg, denom, -step_size)
+        update *= step_size
+        p -= update
+
+    def _check_params_are_views(self) -> None:
+        for n, view in self.flat.views.items():
+            if self.params.get(n) is not view:
+                raise TinygenError(
+                    f"params[{n!r}] was replaced after AdamW was built, so the optimizer no longer "
+                    f"updates it; write parameters in place (params[name][...] = value) or build "
+                    f"the optimizer after loading them"
+                )
+
+    # -- checkpoints --------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Optimizer state as named arrays (copies), ready for safetensors.
+
+        Keys: `m.{name}` and `v.{name}` per trainable parameter, with its
+        shape and dtype, and `t`, the step count, as an int64 array of shape
+        (1,). Per-parameter keys are easy to inspect and survive a change of
+        buffer order; frozen parameters have no entries.
+        """
+        state = {"t": np.array([self.t], dtype=np.int64)}
+        for prefix, buffer in (("m", self.m), ("v", self.v)):
+            for n, view in self.flat.views_of(buffer).items():
+                state[f"{prefix}.{n}"] = view.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore `state_dict()` output; the set of trainable names must match."""
+        expected = {"t"} | {f"{k}.{n}" for k in "mv" for n in self.flat.slices}
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise TinygenError(
+                f"optimizer state does not match the trainable parameters: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        t = np.asarray(state["t"])
+        if t.size != 1 or not np.issubdtype(t.dtype, np.integer) or int(t.reshape(-1)[0]) < 0:
+            raise TinygenError(f"optimizer state 't' must be one non-negative integer, got {t!r}")
+        m, v = self.flat.zeros(), self.flat.zeros()  # all checked before anything changes
+        for prefix, buffer in (("m", m), ("v", v)):
+            arrays = {n: np.asarray(state[f"{prefix}.{n}"]) for n in self.flat.slices}
+            arrays = {n: a.astype(buffer.dtype, copy=False) for n, a in arrays.items()}
+            self.flat.flatten(arrays, out=buffer, what=f"optimizer state '{prefix}'")
+        self.m[...], self.v[...], self.t = m, v, int(t.reshape(-1)[0])
+
+
+# ---------------------------------------------------------------------------
+# gradient clipping
+# ---------------------------------------------------------------------------
+
+
+def _arrays(grads) -> list[np.ndarray]:
+    return [grads] if isinstance(grads, np.ndarray) else list(grads.values())
+
+
+def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray) -> float:
+    """sqrt(sum over every gradient element of g**2), accumulated in float64.
+
+    >>> global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)})
+    5.0
+    """
+    return math.sqrt(sum(float(np.sum(g * g, dtype=np.float64)) for g in _arrays(grads)))
+
+
+def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float) -> float:
+    """Scale all gradients in place so their global norm is at most `max_norm`.
+
+    As torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6) and,
+    when coef < 1, every gradient is multiplied by coef (in its own dtype).
+    Gradients already within the limit are left untouched. Returns the norm
+    *before* clipping. A non-finite norm (inf or NaN) leaves the gradients as
+    they are: the caller decides whether to skip the step.
+
+    >>> g = {"w": np.array([3.0, 4.0], np.float32)}
+    >>> clip_grad_norm(g, 1.0), g["w"]
+    (5.0, array([0.6, 0.8], dtype=float32))
+    """
+    if not max_norm > 0:
+        raise TinygenError(f"clip_grad_norm max_norm must be > 0, got {max_norm!r}")
+    total_norm = global_norm(grads)
+    coef = max_norm / (total_norm + CLIP_EPS)
+    if math.isfinite(total_norm) and coef < 1:
+        for g in _arrays(grads):
+            g *= coef
+    return total_norm
+
+
+# ---------------------------------------------------------------------------
+# learning rate schedule
+# ---------------------------------------------------------------------------
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for `step` (0-based): nanoGPT's `get_lr`, warm-up then cosine.
+
+        step < warmup_steps:          lr * (step + 1) / (warmup_steps + 1)
+        warmup_steps <= step <= max:  min_lr + coeff * (lr - min_lr),
+                                      coeff = 0.5 * (1 + cos(pi * decay_ratio)),
+                                      decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+        step > max_steps:             min_lr
+
+    So step 0 already moves (lr / (warmup + 1)), the peak lr is reached at
+    step == warmup_steps, and min_lr at step == max_steps. If warmup_steps ==
+    max_steps there is no decay phase and every step from there on is min_lr.
+
+    >>> [round(lr_at(s, lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=8), 4) for s in (0, 4, 6, 8, 9)]
+    [0.2, 1.0, 0.55, 0.1, 0.1]
+    """
+    for label, value in (("step", step), ("warmup_steps", warmup_steps), ("max_steps", max_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise TinygenError(f"lr_at {label} must be a non-negative integer, got {value!r}")
+    if warmup_steps > max_steps:
+        raise TinygenError(f"lr_at warmup_steps ({warmup_steps}) must be <= max_steps ({max_steps})")
+    if not 0 <= min_lr <= lr:
+        raise TinygenError(f"lr_at needs 0 <= min_lr <= lr, got min_lr={min_lr!r}, lr={lr!r}")
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step >= max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # in [0, 1)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (lr - min_lr)
