@@ -50,10 +50,9 @@ def attend(q, k, v):
     """y = softmax(q k^T / sqrt(D) + mask) v.  q (B,H,Tq,D), k, v (B,H,Tk,D) -> y (B,H,Tq,D), att (B,H,Tq,Tk)."""
     Tq, D = q.shape[-2:]
     Tk = k.shape[-2]
-    scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-    scores *= 1.0 / math.sqrt(D)
-    scores += causal_mask(Tq, Tk, scores.dtype)
-    att = softmax(scores)
+    att = (q * (1.0 / math.sqrt(D))) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk) scores; scaling q is cheaper
+    att += causal_mask(Tq, Tk, att.dtype)
+    softmax(att, out=att)
     return att @ v, att
 
 
@@ -84,6 +83,7 @@ def causal_attention_backward(dy, cache):
 
         dv = a^T @ dy                 da = dy @ v^T  (times mask)
         ds = att * (da - sum(da * att, over keys)) / sqrt(D)    (softmax backward)
+                                  (computed as da*att - att*sum(da*att), one temporary less)
         dq = ds @ k                   dk = ds^T @ q
 
     Masked entries have att = 0, so their ds is 0: no gradient flows to the future.
@@ -96,10 +96,13 @@ def causal_attention_backward(dy, cache):
     da = dy @ v.swapaxes(-1, -2)  # (B, H, T, T)
     if mask is not None:
         da *= mask
-    ds = da - np.sum(da * att, axis=-1, keepdims=True)
-    ds *= att
-    ds *= 1.0 / math.sqrt(D)
-    dq = ds @ k  # (B, H, T, D)
-    dk = ds.swapaxes(-1, -2) @ q  # (B, H, T, D)
-    dqkv = np.stack([dq, dk, dv])  # (3, B, H, T, D)
-    return (dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D),)
+    ds = da * att
+    ds -= att * ds.sum(axis=-1, keepdims=True)  # att * (da - sum(da * att))
+    dqkv = np.empty((B, T, 3, H, D), dtype=q.dtype)
+    dq, dk, dv_out = dqkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, D) views into dqkv
+    dv_out[...] = dv
+    np.matmul(ds, k, out=dq)
+    dq *= 1.0 / math.sqrt(D)  # the 1/sqrt(D) of the scores, applied on the smaller array
+    np.matmul(ds.swapaxes(-1, -2), q, out=dk)
+    dk *= 1.0 / math.sqrt(D)
+    return (dqkv.reshape(B, T, 3 * H * D),)

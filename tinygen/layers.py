@@ -122,24 +122,44 @@ def layernorm_backward(dout, cache):
 # ------------------------------------------------------------------ GELU
 class GeluCache(NamedTuple):
     x: np.ndarray  # (...) the input
-    t: np.ndarray  # (...) tanh(GELU_K * (x + GELU_A x^3))
+    s: np.ndarray  # (...) sigmoid(2u) = 0.5 (1 + tanh(u)), u = GELU_K (x + GELU_A x^3)
 
 
 def gelu_forward(x):
     """GPT-2's tanh approximation ("gelu_new"):
 
-        gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+                = x * sigmoid(2u)                 since 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))
+
+    The sigmoid form is the same function; NumPy's exp is about twice as
+    fast as its tanh, and the in-place steps avoid temporaries.
     """
-    t = np.tanh(GELU_K * (x + GELU_A * (x * x * x)))
-    out = 0.5 * x * (1.0 + t)
-    return out, GeluCache(x, t)
+    s = x * x
+    s *= -2.0 * GELU_K * GELU_A
+    s -= 2.0 * GELU_K
+    s *= x  # -2u
+    with np.errstate(over="ignore"):  # exp(-2u) = inf for x << 0 gives s = 0, as it should
+        np.exp(s, out=s)
+    s += 1.0
+    np.reciprocal(s, out=s)  # s = sigmoid(2u)
+    return x * s, GeluCache(x, s)
 
 
 def gelu_backward(dout, cache):
-    """d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
-    x, t = cache
-    dgelu = 0.5 * (1.0 + t) + (0.5 * GELU_K) * x * (1.0 - t * t) * (1.0 + (3.0 * GELU_A) * (x * x))
-    return (dout * dgelu,)
+    """With s = sigmoid(2u) and u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2):
+
+        d gelu/dx = s + x * ds/dx = s + x * 2 s (1 - s) u'
+    """
+    x, s = cache
+    d = x * x
+    d *= 6.0 * GELU_K * GELU_A
+    d += 2.0 * GELU_K  # 2u'
+    d *= x
+    d *= s
+    d *= 1.0 - s
+    d += s  # d gelu/dx
+    d *= dout
+    return (d,)
 
 
 # --------------------------------------------------------------- dropout
@@ -169,13 +189,15 @@ def dropout_backward(dout, cache):
 
 
 # --------------------------------------------------------------- softmax
-def softmax(x, axis=-1):
+def softmax(x, axis=-1, out=None):
     """exp(x - max) / sum(exp(x - max)): subtracting the row max changes nothing
     mathematically and keeps exp from overflowing (logits of 1e4 are fine).
+    `out=x` computes it in place.
 
     >>> softmax(np.array([1e4, 1e4]))
     array([0.5, 0.5])
     """
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e = np.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e

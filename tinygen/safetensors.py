@@ -25,6 +25,7 @@ half of a float32) and cannot be written.
 >>> load_file("m.safetensors")["wte"].shape                           # doctest: +SKIP
 (4, 2)
 """
+import collections
 import json
 import os
 import struct
@@ -184,11 +185,11 @@ def _parse_json(raw: bytes, path) -> dict:
     """Header bytes -> dict; rejects non-UTF-8, non-JSON, duplicate keys, NaN."""
 
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            dupes = sorted({k for k in keys if keys.count(k) > 1})
-            raise _error(path, f"header has duplicate keys {dupes}")
-        return dict(pairs)
+        obj = dict(pairs)
+        if len(obj) != len(pairs):  # JSON allows repeats; Python would keep the last silently
+            dupes = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+            raise _error(path, f"header has duplicate keys {dupes!r:.200}")
+        return obj
 
     def no_constants(word):
         raise _error(path, f"header contains {word}, which is not JSON")
@@ -224,7 +225,7 @@ def _element_count(shape: list, name: str, path) -> int:
     for dim in shape:
         count *= dim
         if count >= 2**64:
-            raise _error(path, f"tensor {name!r}: shape {shape!r:.100} has 2**64 or more elements")
+            raise _error(path, f"tensor {name!r:.100}: shape {shape!r:.100} has 2**64 or more elements")
     return count
 
 
@@ -232,18 +233,18 @@ def _check_entry(name: str, entry, path) -> TensorInfo:
     """One header entry -> TensorInfo, or an error saying which field is wrong."""
     if not isinstance(entry, dict) or sorted(entry) != sorted(HEADER_FIELDS):
         got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise _error(path, f"tensor {name!r}: expected exactly the fields {list(HEADER_FIELDS)}, got {got}")
+        raise _error(path, f"tensor {name!r:.100}: expected exactly the fields {list(HEADER_FIELDS)}, got {got}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise _error(path, f"tensor {name!r}: unknown or unsupported dtype {dtype!r:.50}; expected one of {list(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _error(path, f"tensor {name!r:.100}: unknown or unsupported dtype {dtype!r:.50}; expected one of {list(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _error(path, f"tensor {name!r}: shape {shape!r:.100} should be a list of non-negative ints")
+        raise _error(path, f"tensor {name!r:.100}: shape {shape!r:.100} should be a list of non-negative ints")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
             and offsets[0] <= offsets[1]):
-        raise _error(path, f"tensor {name!r}: data_offsets {offsets!r:.100} should be [begin, end], 0 <= begin <= end")
+        raise _error(path, f"tensor {name!r:.100}: data_offsets {offsets!r:.100} should be [begin, end], 0 <= begin <= end")
     nbytes = _element_count(shape, name, path) * np.dtype(DTYPES[dtype]).itemsize
     if offsets[1] - offsets[0] != nbytes:
-        raise _error(path, f"tensor {name!r}: {dtype} shape {shape!r:.100} needs {nbytes} bytes "
+        raise _error(path, f"tensor {name!r:.100}: {dtype} shape {shape!r:.100} needs {nbytes} bytes "
                            f"but data_offsets {offsets} span {offsets[1] - offsets[0]}")
     return TensorInfo(dtype, tuple(shape), tuple(offsets))
 
@@ -254,11 +255,11 @@ def _check_coverage(tensors: dict, data_len: int, path) -> None:
     for name, info in sorted(tensors.items(), key=lambda kv: kv[1].data_offsets):
         begin, end = info.data_offsets
         if end > data_len:
-            raise _error(path, f"tensor {name!r} ends at byte {end} of the data region, which holds only "
+            raise _error(path, f"tensor {name!r:.100} ends at byte {end} of the data region, which holds only "
                                f"{data_len} bytes; the file is truncated or corrupt")
         if begin != expected:
-            problem = f"overlaps tensor {previous!r}" if begin < expected else "leaves a gap before it"
-            raise _error(path, f"tensor {name!r} starts at byte {begin}, expected {expected}: it {problem}")
+            problem = f"overlaps tensor {previous!r:.100}" if begin < expected else "leaves a gap before it"
+            raise _error(path, f"tensor {name!r:.100} starts at byte {begin}, expected {expected}: it {problem}")
         expected, previous = end, name
     if expected != data_len:
         raise _error(path, f"tensors cover {expected} bytes but the data region holds {data_len}; "
@@ -313,16 +314,18 @@ def _read_tensor(f, name: str, info: TensorInfo, data_start: int, path) -> np.nd
     try:
         array = np.empty(info.shape, disk)
     except (ValueError, OverflowError) as e:  # e.g. more dims than NumPy allows, or (0, 2**62)
-        raise _error(path, f"tensor {name!r}: NumPy cannot hold shape {info.shape!r:.100}: {e}")
+        raise _error(path, f"tensor {name!r:.100}: NumPy cannot hold shape {info.shape!r:.100}: {e}")
     if array.nbytes:
         f.seek(data_start + info.data_offsets[0])
         got = f.readinto(array.reshape(-1).view(np.uint8))
         if got != array.nbytes:
-            raise _error(path, f"tensor {name!r}: file ended after {got} of {array.nbytes} bytes")
+            raise _error(path, f"tensor {name!r:.100}: file ended after {got} of {array.nbytes} bytes")
     if info.dtype == "BOOL":
-        return array != 0  # any nonzero byte is True
+        return array.astype(bool)  # any nonzero byte is True
     if info.dtype == "BF16":  # bfloat16 bits are the top 16 bits of a float32
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        wide = array.astype(np.uint32)
+        wide <<= 16  # in place: `wide << 16` would turn a 0-d array into a scalar
+        return wide.view(np.float32)
     return array.astype(disk.newbyteorder("="), copy=False)  # no copy on little-endian hosts
 
 
