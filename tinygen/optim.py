@@ -92,7 +92,7 @@ class FlatParams:
 
     def zeros(self) -> np.ndarray:
         """A fresh (N,) buffer of zeros with this layout's dtype."""
-        return np.zeros_like(self.buffer)
+        return np.zeros(self.buffer.shape, self.buffer.dtype)  # calloc: cheap until touched
 
     def flatten(self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None,
                 what: str = "arrays") -> np.ndarray:
@@ -148,10 +148,11 @@ class AdamW:
         denom = sqrt(v) / sqrt(bias_correction2) + eps
         p -= step_size * m / denom
 
-    which is p -= lr * (mhat / (sqrt(vhat) + eps')) with mhat = m / bias_correction1,
-    vhat = v / bias_correction2 (eps' = eps * sqrt(bias_correction2) is torch's
-    placement of eps, followed here). The order of operations is torch's
-    `_single_tensor_adam(w)`, so results agree to float rounding.
+    which is the textbook p -= lr * mhat / (sqrt(vhat) + eps) with the
+    bias-corrected moments mhat = m / bias_correction1 and
+    vhat = v / bias_correction2, since sqrt(v) / sqrt(bias_correction2) =
+    sqrt(vhat). The order of operations is torch's `_single_tensor_adam`
+    (AdamW = Adam with decoupled decay), so results agree to float rounding.
 
     `trainable`: None (all), a predicate on the name, or a collection of names.
     `decay(name, p)`: which trainable parameters get weight decay; by default
@@ -177,7 +178,7 @@ class AdamW:
         names = [n for n in params if is_trainable(n)]
         decayed = [n for n in names if decay(n, params[n])]
         self.decayed = set(decayed)
-        self.frozen = [n for n in params if n not in set(names)]
+        self.frozen = [n for n in params if not is_trainable(n)]
         self.n_decay = sum(params[n].size for n in decayed)  # p[:n_decay] gets weight decay
 
         self.flat = FlatParams(params, order=decayed + [n for n in names if n not in self.decayed])
@@ -185,9 +186,8 @@ class AdamW:
         self.m = self.flat.zeros()  # (N,) first moment
         self.v = self.flat.zeros()  # (N,) second moment
         self.t = 0  # number of steps taken
-        self.grad_buffer = self.flat.zeros()  # (N,) for the loop to accumulate into
+        self.grad_buffer = self.flat.zeros()  # (N,) gradients, accumulated or gathered by step
         self.grads = self.flat.views_of(self.grad_buffer)
-        self._g = self.flat.zeros()  # (N,) gradients gathered from a dict
         self._tmp = self.flat.zeros()  # (N,) scratch, so no step allocates
 
     @property
@@ -200,13 +200,16 @@ class AdamW:
         self.grad_buffer.fill(0)
 
     def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
-        """One AdamW update of every trainable parameter, in place."""
+        """One AdamW update of every trainable parameter, in place.
+
+        `grads` is `self.grads` (accumulated in place) or any dict with the
+        trainable names, which is first copied into `grad_buffer`.
+        """
         lr = self.lr if lr is None else float(lr)
         self._check_params_are_views()
-        if grads is self.grads:
-            g = self.grad_buffer
-        else:
-            g = self.flat.flatten(grads, out=self._g, what="grads")
+        g = self.grad_buffer  # (N,)
+        if grads is not self.grads:
+            self.flat.flatten(grads, out=g, what="grads")
         p, m, v, tmp = self.flat.buffer, self.m, self.v, self._tmp  # all (N,)
         beta1, beta2 = self.betas
         self.t += 1
@@ -293,7 +296,12 @@ def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray) -> float:
     >>> global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)})
     5.0
     """
-    return math.sqrt(sum(float(np.sum(g * g, dtype=np.float64)) for g in _arrays(grads)))
+    total = 0.0
+    for g in _arrays(grads):
+        flat = g.reshape(-1)  # (n,), a view when g is contiguous
+        # einsum casts in small chunks: float64 products and sums, no full-size copy
+        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return math.sqrt(total)
 
 
 def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float) -> float:
@@ -306,7 +314,7 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float
     they are: the caller decides whether to skip the step.
 
     >>> g = {"w": np.array([3.0, 4.0], np.float32)}
-    >>> clip_grad_norm(g, 1.0), g["w"]
+    >>> clip_grad_norm(g, 1.0), g["w"].round(5)       # scaled by 1 / (5 + 1e-6)
     (5.0, array([0.6, 0.8], dtype=float32))
     """
     if not max_norm > 0:
