@@ -87,8 +87,8 @@ class LayerNormCache(NamedTuple):
 def layernorm_forward(x, w, b, eps=LN_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
 
-    x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var 0,
-    so rstd = 1/sqrt(eps) stays finite and xhat is exactly 0.
+    x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0
+    (up to the rounding of its mean), so rstd <= 1/sqrt(eps) stays finite.
     """
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean

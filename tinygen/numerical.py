@@ -8,9 +8,9 @@ For a function L(x) with a scalar value, the central difference
 rounding error of about ulp(L) / h. The plain two-point formula
 (L(x + h) - L(x - h)) / (2h) errs by O(h^2) times the third derivative,
 which is large here: at GPT-2's init the layer norms see inputs of scale
-0.02, so their derivatives grow like 50^k. With h = 1e-4 in float64 the
-five-point stencil agrees to ~1e-9; the two-point one reaches only ~1e-7
-at its best h. An
+0.02, so their derivatives grow like 50^k. On a whole small model with h = 1e-4
+the five-point stencil agrees to ~1e-9; the two-point one reaches only ~2e-7
+at its best h (an isolated layer does better). An
 array-valued layer out = f(x) is reduced to a scalar with the surrogate
 loss L = sum(out * dout) for a random dout: its gradient is exactly what
 `backward(dout, cache)` returns (llm.c's trick).

@@ -1,0 +1,82 @@
+"""Hypothesis strategies and gradient checks for using tinygen as a test oracle.
+
+If you write your own attention, layer norm or whole GPT-2, tinygen's
+float64 forward and backward passes are a reference to test it against:
+
+    from hypothesis import given
+    from tinygen.testing import configs, token_batches, arrays, check_layer
+
+    @given(configs(), st.data())
+    def test_my_model(config, data):
+        idx = data.draw(token_batches(config))          # (B, T) int64
+        ...                                             # compare with GPT(config)
+
+Strategies: `configs` -> GPTConfig, `token_batches` -> (B, T) int64 ids,
+`arrays` -> finite arrays of moderate magnitude. Re-exported checks:
+`gradcheck`, `check_layer`, `check_model`, `THRESHOLD` (see
+tinygen.numerical and docs/gradcheck.md). docs/testing.md has a worked
+example.
+
+hypothesis is a test extra, not a run-time dependency of tinygen.
+"""
+try:
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("tinygen.testing needs hypothesis: pip install 'tinygen[test]'") from e
+
+import numpy as np
+
+from .config import GPTConfig
+from .numerical import THRESHOLD, check_layer, check_model, gradcheck
+
+__all__ = ["configs", "token_batches", "arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
+
+
+@st.composite
+def configs(draw, max_layers=2, max_heads=3, max_head_size=8, max_vocab=32, max_block=16,
+            dtype="float64", dropout=0.0):
+    """A small GPTConfig: 1..max_layers layers, 1..max_heads heads of width
+    1..max_head_size (n_embd = heads * head width), vocabulary 1..max_vocab,
+    context 1..max_block.
+
+    dtype: "float64" (the default: what gradient checks need), "float32", or
+    None to draw either. dropout is fixed (default 0.0: a deterministic oracle).
+
+        configs(max_layers=1).example()
+        # GPTConfig(vocab_size=5, block_size=3, n_layer=1, n_head=2, n_embd=8, ...)
+    """
+    n_head = draw(st.integers(1, max_heads))
+    head_size = draw(st.integers(1, max_head_size))
+    return GPTConfig(
+        vocab_size=draw(st.integers(1, max_vocab)),
+        block_size=draw(st.integers(1, max_block)),
+        n_layer=draw(st.integers(1, max_layers)),
+        n_head=n_head,
+        n_embd=n_head * head_size,
+        dropout=dropout,
+        dtype=draw(st.sampled_from(["float32", "float64"])) if dtype is None else dtype,
+    )
+
+
+@st.composite
+def token_batches(draw, config: GPTConfig, max_batch=3):
+    """A (B, T) int64 array of ids in [0, vocab_size), 1 <= B <= max_batch,
+    1 <= T <= block_size: always a valid `idx` (or `targets`) for `config`."""
+    B = draw(st.integers(1, max_batch))
+    T = draw(st.integers(1, config.block_size))
+    return draw(hnp.arrays(np.int64, (B, T), elements=st.integers(0, config.vocab_size - 1)))
+
+
+def arrays(shape, dtype=np.float64, elements=None):
+    """Arrays of `shape` (a tuple, or a strategy of tuples) and `dtype`, with
+    finite elements of moderate magnitude: by default floats in [-4, 4],
+    where GELU, tanh and exp are neither flat nor overflowing.
+
+        arrays((2, 3)).example()   # array([[ 0.5, -3.9,  0. ], ...])
+    """
+    dtype = np.dtype(dtype)
+    if elements is None:
+        width = 32 if dtype == np.float32 else 64
+        elements = st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False, width=width)
+    return hnp.arrays(dtype, shape, elements=elements)
