@@ -8,6 +8,7 @@ from .config import GPTConfig
 from .errors import TinygenError
 from .numerical import check_layer, check_model, gradcheck
 from .model import GPT, KVCache
+from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "TinygenError", "gradcheck", "check_layer", "check_model"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model"]
 __version__ = "0.1.0"

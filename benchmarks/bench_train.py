@@ -1,0 +1,218 @@
+"""Training-step speed of tinygen on the ANCHORS configs S and M (and S64, S in float64).
+
+    python benchmarks/bench_train.py                      # S and M, defaults
+    python benchmarks/bench_train.py --configs S,M,S64 --rounds 3
+    python benchmarks/bench_train.py --profile            # cProfile, top 25 by tottime
+
+One step = forward + backward (`GPT.loss_and_grads`), then clip_grad_norm
+and AdamW.step, each timed on its own. Forward alone (training mode, caches
+kept) is timed in extra calls interleaved with the steps, so bwd = (fwd+bwd) - fwd.
+Each config runs in its own process (per-config peak RSS), `--rounds` times
+interleaved (S M S M ...); the table shows medians of the per-process
+medians and the spread (max/min - 1) between processes.
+"""
+import argparse
+import cProfile
+import gc
+import io
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (puts the repo root on sys.path too)
+
+import numpy as np  # noqa: E402
+
+
+# ------------------------------------------------------- the measured work
+def build(cfg: dict, seed: int):
+    """Model, the fixed batch, and `optimizer_step(grads) -> (clip_s, adamw_s)`.
+
+    The optimizer is a plug-in: if tinygen.optim has no AdamW yet,
+    optimizer_step is None and only forward + backward is timed.
+    """
+    from tinygen.model import GPT
+
+    model = GPT(common.gpt_config(cfg), seed)
+    idx, targets = common.make_batch(cfg, seed)
+    try:
+        from tinygen.optim import AdamW, clip_grad_norm
+    except ImportError:
+        return model, idx, targets, None
+    opt = AdamW(model.params, lr=common.LR, betas=common.BETAS, eps=common.EPS,
+                weight_decay=common.WEIGHT_DECAY)
+
+    def optimizer_step(grads):
+        t0 = time.perf_counter()
+        clip_grad_norm(grads, common.CLIP)
+        t1 = time.perf_counter()
+        opt.step(grads, common.LR)
+        return t1 - t0, time.perf_counter() - t1
+
+    return model, idx, targets, optimizer_step
+
+
+def forward_only(model, idx, targets):
+    """Training-mode forward (caches kept, as before a backward) + loss; None if
+    tinygen's internals moved (the step timing does not depend on this)."""
+    try:
+        from tinygen.loss import cross_entropy_forward
+        from tinygen.model import gpt_forward
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    logits, cache = gpt_forward(model.params, idx, model.config)
+    cross_entropy_forward(logits, targets)
+    dt = time.perf_counter() - t0
+    del logits, cache
+    return dt
+
+
+def train_child(config: str, steps: int, warmup: int, seed: int = 0, fwd_split: bool = True,
+                peak_reps: int = 5) -> dict:
+    """Runs in a child process: warm-up, then `steps` timed steps. Times in ms."""
+    cfg = common.config_by_name(config)
+    model, idx, targets, optimizer_step = build(cfg, seed)
+    rec = {k: [] for k in ("step", "fwdbwd", "fwd", "clip", "adamw", "opt", "cpu")}
+    losses = []
+    gc.collect()
+    for i in range(warmup + steps):
+        timed = i >= warmup
+        if fwd_split and timed:
+            dt = forward_only(model, idx, targets)
+            rec["fwd"].append(None if dt is None else dt * 1e3)
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss, grads = model.loss_and_grads(idx, targets)
+        t1 = time.perf_counter()
+        clip_s = adamw_s = None
+        if optimizer_step is not None:
+            clip_s, adamw_s = optimizer_step(grads)
+        t2, c2 = time.perf_counter(), time.process_time()
+        losses.append(float(loss))
+        del grads
+        if timed:
+            rec["fwdbwd"].append((t1 - t0) * 1e3)
+            rec["step"].append((t2 - t0) * 1e3)
+            rec["cpu"].append((c2 - c0) * 1e3)  # CPU time of all threads (BLAS spin-waits included)
+            if optimizer_step is not None:
+                rec["clip"].append(clip_s * 1e3)
+                rec["adamw"].append(adamw_s * 1e3)
+                rec["opt"].append((t2 - t1) * 1e3)
+    out = {"config": config, "side": "tinygen", "losses": losses, "samples_ms": rec,
+           "peak_rss_mib": common.peak_rss_mib()}  # recorded before the matmul probe below
+    out.update({k + "_ms": common.median(v) for k, v in rec.items()})
+    out["peak"] = common.matmul_peak(reps=peak_reps, dtype=cfg["dtype"])
+    return out
+
+
+def profile_child(config: str, steps: int, warmup: int, seed: int = 0, top: int = 25) -> dict:
+    """cProfile over `steps` full steps (fwd + bwd + clip + AdamW) after warm-up."""
+    cfg = common.config_by_name(config)
+    model, idx, targets, optimizer_step = build(cfg, seed)
+
+    def step():
+        loss, grads = model.loss_and_grads(idx, targets)
+        if optimizer_step is not None:
+            optimizer_step(grads)
+
+    for _ in range(warmup):
+        step()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
+    text = buf.getvalue()
+    text = text[text.find("   ncalls"):] if "   ncalls" in text else text
+    return {"config": config, "steps": steps, "wall_ms_per_step": wall / steps * 1e3, "text": text}
+
+
+# ---------------------------------------------------------------- parent
+def summarize(cfg_name: str, runs: list) -> dict:
+    """Median over processes of each per-process median, plus derived rates."""
+    cfg = common.config_by_name(cfg_name)
+    s = {"config": cfg_name, "dtype": cfg["dtype"], "processes": len(runs)}
+    for k in ("step", "fwdbwd", "fwd", "clip", "adamw", "opt", "cpu"):
+        s[k + "_ms"] = common.median([r[k + "_ms"] for r in runs])
+    s["bwd_ms"] = s["fwdbwd_ms"] - s["fwd_ms"] if s["fwd_ms"] is not None else None
+    s["step_spread"] = common.spread([r["step_ms"] for r in runs])
+    s["peak_rss_mib"] = common.median([r["peak_rss_mib"] for r in runs])
+    s["matmul_peak_gflops"] = common.median([x for r in runs for x in r["peak"]["samples"]])
+    flops, tokens = common.model_flops_per_step(cfg), common.tokens_per_step(cfg)
+    s["gflop_per_step"] = flops / 1e9
+    s["tokens_per_s"] = tokens / (s["step_ms"] / 1e3)
+    s["achieved_gflops"] = flops / (s["step_ms"] / 1e3) / 1e9
+    s["mfu"] = s["achieved_gflops"] / s["matmul_peak_gflops"]
+    s["fwdbwd_gflops"] = flops / (s["fwdbwd_ms"] / 1e3) / 1e9
+    s["initial_loss"] = runs[0]["losses"][0]
+    return s
+
+
+def table(summaries) -> str:
+    headers = ["config", "ms/step", "spread", "fwd+bwd ms", "fwd ms", "bwd ms", "clip ms", "AdamW ms",
+               "opt ms", "tokens/s", "GFLOP/s", "peak GFLOP/s", "MFU", "peak RSS MiB", "CPU ms/step"]
+    rows = []
+    for s in summaries:
+        rows.append([
+            s["config"] + ("" if s["dtype"] == "float32" else f" ({s['dtype']})"),
+            common.fmt(s["step_ms"]), common.pct(s["step_spread"]),
+            common.fmt(s["fwdbwd_ms"]), common.fmt(s["fwd_ms"]), common.fmt(s["bwd_ms"]),
+            common.fmt(s["clip_ms"], ".2f"), common.fmt(s["adamw_ms"], ".2f"), common.fmt(s["opt_ms"], ".2f"),
+            common.fmt(s["tokens_per_s"], ",.0f"), common.fmt(s["achieved_gflops"], ".0f"),
+            common.fmt(s["matmul_peak_gflops"], ".0f"), common.pct(s["mfu"]),
+            common.fmt(s["peak_rss_mib"], ".0f"), common.fmt(s["cpu_ms"]),
+        ])
+    return common.format_table(headers, rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="S,M", help="comma-separated, from S, M, S64 (default S,M)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per config, interleaved (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="pin BLAS threads (default: as-is)")
+    p.add_argument("--no-fwd-split", action="store_true", help="skip the extra forward-only calls")
+    p.add_argument("--profile", action="store_true", help="cProfile a few steps per config instead of timing")
+    p.add_argument("--top", type=int, default=25, help="rows of the --profile listing")
+    a = p.parse_args(argv)
+    names = common.parse_configs(a.configs)
+    env = common.thread_env(a.threads)
+    machine = common.machine_info()  # load average before we add ours
+
+    if a.profile:
+        for n in names:
+            steps = a.steps or max(2, common.DEFAULT_STEPS[n] // 4)
+            warmup = common.DEFAULT_WARMUP[n] if a.warmup is None else a.warmup
+            common.progress(f"profiling {n}: {warmup} warm-up + {steps} profiled steps ...")
+            r = common.run_in_subprocess("bench_train:profile_child",
+                                         dict(config=n, steps=steps, warmup=warmup, top=a.top), env)
+            print(f"## {n}: {r['wall_ms_per_step']:.0f} ms/step under cProfile, {steps} steps, top {a.top} by tottime")
+            print(r["text"].rstrip() + "\n")
+        return
+
+    runs = {n: [] for n in names}
+    for rnd in range(a.rounds):
+        for n in names:  # interleaved: S M S M ...
+            steps = a.steps or common.DEFAULT_STEPS[n]
+            warmup = common.DEFAULT_WARMUP[n] if a.warmup is None else a.warmup
+            common.progress(f"round {rnd + 1}/{a.rounds}: {n} ({warmup} warm-up + {steps} timed steps) ...")
+            runs[n].append(common.run_in_subprocess(
+                "bench_train:train_child",
+                dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split), env))
+    summaries = [summarize(n, runs[n]) for n in names]
+    title = (f"tinygen training step (fwd+bwd = loss_and_grads; opt = clip + AdamW), "
+             f"medians over {a.rounds} interleaved processes per config; MFU vs numpy matmul peak of the same dtype; "
+             f"1-min load average before the run: {machine['loadavg_1min']:.2f}")
+    common.print_report(title, table(summaries),
+                        {"benchmark": "bench_train", "machine": machine, "results": summaries})
+
+
+if __name__ == "__main__":
+    main()

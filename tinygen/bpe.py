@@ -1,0 +1,232 @@
+"""Byte-pair encoding, the algorithm: learn merges from counted chunks, apply them by rank.
+
+Training (`train_merges`) starts from the 256 byte tokens and repeatedly merges
+the most frequent adjacent pair into a new token. Encoding (`encode_piece`)
+replays the merges on one pre-token chunk, lowest rank first, exactly as
+tiktoken does. The `Tokenizer` class in `tinygen.tokenizer` wraps both with a
+split pattern, special tokens and file formats; this module knows only bytes
+and integer ids.
+
+Training is incremental, not a recount:
+- each distinct chunk is stored once with its frequency (a "word"), as a str
+  with one character per token (`chr(id)`), so applying a merge to a word is
+  one C-level `str.replace` and a pair is a 2-character string;
+- `counts[pair]` is the frequency-weighted number of occurrences of each
+  adjacent pair, and `where[pair]` lists the words that contain it;
+- after merging pair (a, b) into t, only the words in `where[(a, b)]` are
+  touched, and only the pairs around each merge site change:
+  (x, a) -> (x, t) and (b, y) -> (t, y);
+- the best pair comes from a heap of (-count, pair) entries with lazy deletion:
+  counts of existing pairs only go down, so a popped entry whose count is
+  stale is pushed back with its true count and the next entry is tried.
+
+Tie-break (deterministic): the highest count wins; among equal counts, the
+pair of token ids (left, right) that is smallest lexicographically.
+
+Every merge makes a new byte string: a run of bytes that no merge crosses is
+segmented the same way in every word, so once (ab, c) has built "abc", no word
+can still hold "a" next to "bc". Token bytes are therefore unique, and a token's
+id is also its merge rank.
+"""
+import heapq
+import warnings
+from itertools import islice, repeat
+from operator import add
+
+LONG_PIECE = 256  # pieces longer than this are merged with a heap: O(n log n), not O(n^2)
+_BYTES = [bytes([b]) for b in range(256)]
+_NONE = 1 << 62  # the rank of a pair that is not a token: above every real rank
+
+
+def train_merges(chunk_counts, vocab_size, progress=None):
+    """Learn merges from {chunk_bytes: frequency} until there are `vocab_size` tokens.
+
+    Returns (merges, token_bytes): merges is a list of (left_id, right_id) in the
+    order they were learned, token_bytes[i] the bytes of token i (0..255 are
+    the single bytes). Stops early, with a warning, when no pair is left.
+
+    >>> merges, toks = train_merges({b"abab": 3, b"ab": 1}, 258)
+    >>> merges, toks[256:]          # (97, 98) occurs 7 times, then (256, 256) 3 times
+    ([(97, 98), (256, 256)], [b'ab', b'abab'])
+    """
+    token_bytes = [bytes([i]) for i in range(256)]
+    words, freqs = [], []
+    for chunk, freq in chunk_counts.items():
+        if len(chunk) > 1:
+            words.append(chunk.decode("latin-1"))  # one char per byte: chr(byte) == token id
+            freqs.append(freq)
+    counts, where = {}, {}
+    for i, word in enumerate(words):
+        freq = freqs[i]
+        for pair in map(add, word, islice(word, 1, None)):
+            counts[pair] = counts.get(pair, 0) + freq
+            where.setdefault(pair, []).append(i)
+    heap = [(-c, p) for p, c in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    target = vocab_size - len(token_bytes)
+    while len(token_bytes) < vocab_size:
+        pair = _pop_best(heap, counts)
+        if pair is None:
+            warnings.warn(
+                f"BPE training stopped at {len(token_bytes)} tokens, before vocab_size={vocab_size}: "
+                "no pair of adjacent tokens is left in the text; give more text for a larger vocabulary",
+                stacklevel=3,
+            )
+            break
+        a, b = ord(pair[0]), ord(pair[1])
+        merges.append((a, b))
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+        touched = _merge(pair, chr(len(token_bytes) - 1), words, freqs, counts, where)
+        for p in touched:
+            heapq.heappush(heap, (-counts[p], p))
+        if progress is not None and (len(merges) % 16 == 0 or len(token_bytes) == vocab_size):
+            progress(len(token_bytes) - 256, target)
+    return merges, token_bytes
+
+
+def _pop_best(heap, counts):
+    """The pair with the highest true count (then the smallest), or None; drops stale entries."""
+    while heap:
+        neg, pair = heap[0]
+        true = counts.get(pair, 0)
+        if true == -neg:
+            heapq.heappop(heap)
+            return pair
+        if true:  # counts only go down: a stale entry is an upper bound; put it back, corrected
+            heapq.heapreplace(heap, (-true, pair))
+        else:  # merged away, or no occurrence left
+            heapq.heappop(heap)
+    return None
+
+
+def _merge(pair, new, words, freqs, counts, where):
+    """Merge `pair` into the new token char `new` in every word that has it.
+
+    Only pairs next to a merge site change. In "xaby" -> "xty": (x,a) and (b,y)
+    lose `freq`, (x,t) and (t,y) gain it; in "abab" -> "tt" the middle (b,a)
+    becomes (t,t). Returns the set of new pairs, to be pushed on the heap.
+    """
+    a, b = pair
+    touched = set()
+    for i in set(where.pop(pair)):
+        word = words[i]
+        if pair not in word:  # stale index entry: an earlier merge took the pair away
+            continue
+        word = words[i] = word.replace(pair, new)
+        freq = freqs[i]
+        n = len(word)
+        j = word.find(new)
+        while j != -1:
+            counts[pair] -= freq
+            if j:
+                left = word[j - 1]
+                old, nxt = (b + a, new + new) if left == new else (left + a, left + new)
+                counts[old] -= freq
+                counts[nxt] = counts.get(nxt, 0) + freq
+                where.setdefault(nxt, []).append(i)
+                touched.add(nxt)
+            if j + 1 < n:
+                right = word[j + 1]
+                if right != new:  # a following site handles the (t, t) case as its left
+                    counts[b + right] -= freq
+                    nxt = new + right
+                    counts[nxt] = counts.get(nxt, 0) + freq
+                    where.setdefault(nxt, []).append(i)
+                    touched.add(nxt)
+            j = word.find(new, j + 1)
+    assert counts[pair] == 0, "pair counts out of sync"
+    del counts[pair]
+    return touched
+
+
+def encode_piece(piece, ranks):
+    """Token ids for one chunk's bytes: merge the adjacent pair of lowest rank, leftmost first.
+
+    `ranks` maps token bytes to ids (an id is its merge rank). This is tiktoken's
+    rule, which is what makes GPT-2 and cl100k vocabularies encode exactly.
+
+    >>> encode_piece(b"aaab", {b"a": 0, b"b": 1, b"aa": 2, b"ab": 3, b"aab": 4})
+    [2, 3]
+    """
+    if len(piece) > LONG_PIECE:
+        return _encode_long(piece, ranks)
+    get = ranks.get
+    parts = list(map(_BYTES.__getitem__, piece))
+    pair_ranks = list(map(get, map(add, parts, islice(parts, 1, None)), repeat(_NONE)))
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == _NONE:
+            break
+        i = pair_ranks.index(best)  # leftmost of the lowest rank
+        parts[i] += parts.pop(i + 1)
+        del pair_ranks[i]
+        if i:
+            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NONE)
+        if i < len(pair_ranks):
+            pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
+    return list(map(ranks.__getitem__, parts))
+
+
+def _encode_long(piece, ranks):
+    """`encode_piece` for long pieces: a linked list of parts and a heap of (rank, start).
+
+    Each part is named by its start offset; end[i] is its end offset (0 once it
+    has been merged into its left neighbour). A heap entry is checked on pop by
+    recomputing the rank of the pair now at that start, so stale entries drop out.
+    """
+    get = ranks.get
+    n = len(piece)
+    end = list(range(1, n + 1))
+    prev = list(range(-1, n - 1))
+    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = end[i]
+        if j == 0 or j >= n or get(piece[i : end[j]]) != r:
+            continue
+        k = end[i] = end[j]
+        end[j] = 0
+        if k < n:
+            prev[k] = i
+            if (r2 := get(piece[i : end[k]])) is not None:
+                heapq.heappush(heap, (r2, i))
+        p = prev[i]
+        if p >= 0 and (r2 := get(piece[p:k])) is not None:
+            heapq.heappush(heap, (r2, p))
+    out, i = [], 0
+    while i < n:
+        out.append(ranks[piece[i : end[i]]])
+        i = end[i]
+    return out
+
+
+def recover_merges(ranks):
+    """The (left, right) byte pair that produces each multi-byte token, in rank order.
+
+    A rank file lists tokens, not merges; the merge that builds token t is what
+    BPE does to t's bytes using only tokens ranked below t, which always ends in
+    two parts. (minbpe recovers GPT-4's merges the same way.)
+
+    >>> recover_merges({b"a": 0, b"b": 1, b"ab": 2, b"abb": 3})
+    [(b'a', b'b'), (b'ab', b'b')]
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, at = rank, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1], rank)
+                if r < best:
+                    best, at = r, i
+            if at < 0:
+                break
+            parts[at : at + 2] = [parts[at] + parts[at + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) cannot be built from two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges

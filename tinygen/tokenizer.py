@@ -1,0 +1,506 @@
+"""The tokenizer: text <-> token ids by byte-level BPE, with special tokens and file formats.
+
+Text is split into chunks by a regex (GPT-2's or GPT-4's pattern, or yours), each
+chunk's UTF-8 bytes are encoded by BPE (`tinygen.bpe`), and the ids are joined.
+Special tokens such as "<|endoftext|>" are matched before the split and never
+come out of ordinary text. Semantics follow tiktoken, so GPT-2's files and
+cl100k's rank file encode token for token as OpenAI's tokenizers do.
+
+    tok = Tokenizer.train("hello hello world", vocab_size=260, special_tokens=[ENDOFTEXT])
+    ids = tok.encode("hello<|endoftext|>", allowed_special="all")
+    tok.decode(ids) == "hello<|endoftext|>"
+
+Ids: 0..255 are the single bytes (in some order), then one id per learned
+token in merge order, then the special tokens. A token's id is its merge rank.
+"""
+import base64
+import functools
+import json
+import os
+import re
+from collections import Counter
+from itertools import chain
+
+import numpy as np
+import regex
+
+from .bpe import encode_piece, recover_merges, train_merges
+from .errors import TinygenError
+
+# Byte-exact copies of tiktoken's r50k (GPT-2) and cl100k (GPT-4) split patterns.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+ENDOFTEXT = "<|endoftext|>"
+CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                         "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+FORMAT, VERSION = "tinygen-tokenizer", 1
+
+
+class Tokenizer:
+    """Byte-level BPE: `ranks` maps token bytes to ids; ids of special tokens come after.
+
+    Build one with `train`, `load`, `load_dir`, `from_tiktoken` or `from_gpt2`.
+    Encoding caches the ids of each distinct chunk (cleared past `cache_size`).
+    """
+
+    cache_size = 200_000
+
+    def __init__(self, ranks, pattern="gpt4", special_tokens=None, merges=None):
+        self.pattern = PATTERNS.get(pattern, pattern)
+        self._splitter = _splitter(self.pattern)
+        self._covers = self.pattern in PATTERNS.values()  # built-ins match every character
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise TinygenError("a byte-level vocabulary needs all 256 single bytes as tokens")
+        self._ranks = dict(ranks)
+        self._id_bytes = {i: b for b, i in self._ranks.items()}
+        if len(self._id_bytes) != len(self._ranks) or min(self._id_bytes) < 0:
+            raise TinygenError("token ids must be distinct non-negative integers")
+        self.special_tokens = dict(special_tokens or {})
+        for name, i in self.special_tokens.items():
+            if not isinstance(name, str) or not name or not isinstance(i, int) or i < 0 or i in self._id_bytes:
+                raise TinygenError(f"special token {name!r} -> {i!r}: expected a new non-empty string "
+                                   "and an unused non-negative id")
+            self._id_bytes[i] = name.encode("utf-8")
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
+            raise TinygenError("special tokens must have distinct ids")
+        self.vocab_size = max(self._id_bytes) + 1
+        self.eot_id = self.special_tokens.get(ENDOFTEXT)
+        self._merges = merges
+        self._cache = {}  # chunk -> ids
+        self._table = None  # for decoding with NumPy, built on first use
+
+    def __repr__(self):
+        return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)})"
+
+    # ---- training ----------------------------------------------------------------
+    @classmethod
+    def train(cls, text, vocab_size, pattern="gpt4", special_tokens=None, progress=None):
+        """Learn a vocabulary of `vocab_size` ids (special tokens included) from text.
+
+        `text` is a str or an iterable of documents (chunks never span documents);
+        special-token strings in it are cut out, not learned. Ties between pairs
+        of equal count go to the smallest (left id, right id); see `tinygen.bpe`.
+        Too little text for `vocab_size`: stops early with a warning.
+        `progress` is a `Progress` (its `.update(done)`) or a callable (done, total).
+        """
+        specials = list(dict.fromkeys([special_tokens] if isinstance(special_tokens, str) else special_tokens or []))
+        if not all(isinstance(name, str) and name for name in specials):
+            raise TinygenError(f"special_tokens must be non-empty strings, got {specials!r}")
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+            raise TinygenError(f"vocab_size must be an int >= 256 + {len(specials)} special tokens, "
+                               f"got {vocab_size!r}")
+        tok = cls({bytes([b]): b for b in range(256)}, pattern)  # validates the pattern
+        docs = [text] if isinstance(text, str) else text
+        split = _special_regex(frozenset(specials)).split if specials else None
+        counts = Counter()
+        for doc in docs:
+            if not isinstance(doc, str):
+                raise TinygenError(f"training text must be a str or an iterable of str, got {type(doc).__name__}")
+            for piece in split(doc)[::2] if split else (doc,):
+                for chunks in tok._blocks(piece):
+                    counts.update(chunks)
+        chunk_counts = Counter()
+        for chunk, n in counts.items():
+            chunk_counts[_utf8(chunk)] += n
+        if hasattr(progress, "update"):
+            progress = functools.partial(_call_update, progress)
+        merges, token_bytes = train_merges(chunk_counts, vocab_size - len(specials), progress)
+        ranks = {b: i for i, b in enumerate(token_bytes)}
+        named = {name: len(ranks) + k for k, name in enumerate(specials)}
+        pairs = [(token_bytes[a], token_bytes[b]) for a, b in merges]
+        return cls(ranks, pattern, named, pairs)
+
+    # ---- encoding ----------------------------------------------------------------
+    def split(self, text):
+        """The pattern's chunks of `text`: "hello world" -> ["hello", " world"]."""
+        return list(chain.from_iterable(self._blocks(text)))
+
+    def _blocks(self, text):
+        """Lists of chunks for consecutive stretches of `text` (see `_splitter`)."""
+        blocks = self._splitter(text)
+        if not self._covers and sum(map(len, blocks[0])) != len(text):
+            raise TinygenError("the split pattern skipped characters of the text; a custom pattern must "
+                               r"match every character (end it with an alternative such as |\s|.)")
+        return blocks
+
+    def encode_ordinary(self, text):
+        """Ids of `text`, with special-token strings encoded as ordinary text."""
+        try:
+            return self._encode_text(text)
+        except UnicodeEncodeError:  # lone surrogates: replaced by U+FFFD, as tiktoken does
+            return self._encode_text(_fix_surrogates(text))
+
+    def _encode_text(self, text):
+        ids = []
+        for chunks in self._blocks(text):  # blocks of ~64 KB: their chunks stay in the CPU cache
+            ids += self._encode_chunks(chunks)
+        return ids
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """Ids of `text`, tiktoken's special-token rules.
+
+        By default a special token's text raises ValueError (TinygenError) naming it;
+        `allowed_special="all"` or a set encodes those as their ids;
+        `disallowed_special=()` encodes them as ordinary text.
+        """
+        for arg in (allowed_special, disallowed_special):
+            if isinstance(arg, str) and arg != "all":
+                raise TinygenError(f"allowed_special/disallowed_special: expected 'all' or a set of strings, "
+                                   f"got {arg!r}")
+        if allowed_special == "all":
+            allowed_special = self.special_tokens.keys()
+        allowed = frozenset(self.special_tokens.keys() & set(allowed_special))
+        if disallowed_special == "all":
+            disallowed_special = self.special_tokens.keys() - allowed
+        if disallowed_special:
+            found = _special_regex(frozenset(disallowed_special)).search(text)
+            if found:
+                name = found.group()
+                raise TinygenError(f"text contains the special token {name!r}: pass allowed_special={{{name!r}}} "
+                                   "to encode it as a special token, or disallowed_special=() to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        pieces = _special_regex(allowed).split(text)  # text, special, text, special, ..., text
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self.encode_ordinary(piece)
+        return ids
+
+    def encode_batch(self, texts, allowed_special=frozenset(), disallowed_special="all"):
+        """`encode` of each text: a list of lists of ids."""
+        return [self.encode(t, allowed_special, disallowed_special) for t in texts]
+
+    def _encode_chunks(self, chunks):
+        cache = self._cache
+        missing = set(chunks).difference(cache)
+        if missing:
+            ranks = self._ranks
+            for chunk in missing:
+                piece = chunk.encode("utf-8")
+                i = ranks.get(piece)
+                cache[chunk] = (i,) if i is not None else encode_piece(piece, ranks)
+        ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        if len(cache) > self.cache_size:
+            cache.clear()
+        return ids
+
+    # ---- decoding ----------------------------------------------------------------
+    def decode_bytes(self, ids):
+        """The exact bytes of `ids` (special tokens as their UTF-8 text); a list or NumPy array."""
+        ids = ids if hasattr(ids, "__len__") else list(ids)
+        if len(ids) >= 512:  # long: gather the bytes with NumPy, ~3x faster than joining
+            arr = np.asarray(ids)
+            if arr.ndim == 1 and arr.dtype.kind in "iu" and 0 <= arr.min() and arr.max() < self.vocab_size:
+                flat, starts, lens = self._decode_table()
+                if lens[arr].min() >= 0:  # no unused id; gather in blocks that fit the CPU cache
+                    blocks = np.split(arr, range(1 << 15, len(arr), 1 << 15))
+                    return b"".join(_gather(flat, starts[a], lens[a]) for a in blocks)
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        try:
+            return b"".join(map(self._id_bytes.__getitem__, ids))
+        except (KeyError, TypeError):
+            for i in ids:
+                self.id_to_bytes(i)
+            raise
+
+    def _decode_table(self):
+        """All token bytes in one uint8 array, with each id's start and length (-1: unused id)."""
+        if self._table is None:
+            tokens = [self._id_bytes.get(i) for i in range(self.vocab_size)]
+            lens = np.array([-1 if t is None else len(t) for t in tokens], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(np.maximum(lens, 0))[:-1]])
+            flat = np.frombuffer(b"".join(t for t in tokens if t is not None), dtype=np.uint8)
+            self._table = flat, starts, lens
+        return self._table
+
+    def decode(self, ids):
+        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def id_to_bytes(self, i):
+        """The bytes of one token, for streaming decoders: 104 -> b"h" (byte ids)."""
+        try:
+            return self._id_bytes[i]
+        except (KeyError, TypeError):
+            raise TinygenError(f"token id {i!r} is not in the vocabulary (ids 0..{self.vocab_size - 1})") from None
+
+    # ---- merges and files ----------------------------------------------------------
+    @property
+    def merges(self):
+        """[(left bytes, right bytes)] that build the tokens above the 256 bytes, in order."""
+        if self._merges is None:
+            self._merges = recover_merges(self._ranks)
+        return self._merges
+
+    def to_dict(self):
+        """The JSON-ready contents of a tinygen tokenizer file."""
+        n = len(self._ranks)
+        if sorted(self._ranks.values()) != list(range(n)) or any(len(self._id_bytes[i]) != 1 for i in range(256)):
+            raise TinygenError("only vocabularies with ids 0..255 for the bytes and no gaps can be saved")
+        return {"format": FORMAT, "version": VERSION, "pattern": self.pattern,
+                "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
+                "byte_order": [self._id_bytes[i][0] for i in range(256)],
+                "merges": [[_escape(a), _escape(b)] for a, b in self.merges]}
+
+    def save(self, path):
+        """Write one human-readable JSON file (one field, then one merge, per line), atomically."""
+        data = self.to_dict()
+        merges = data.pop("merges")
+        fields = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in data.items()]
+        lines = ",\n".join("  " + json.dumps(m, ensure_ascii=False) for m in merges)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("{\n" + "\n".join(fields) + '\n "merges": [\n' + lines + "\n ]\n}\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by `save`; a corrupt, truncated or foreign file raises TinygenError."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TinygenError(f"{path}: not a tinygen tokenizer file (invalid JSON, truncated?): {e}") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data, where="tokenizer"):
+        """The inverse of `to_dict`, validating every field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TinygenError(f"{where}: not a tinygen tokenizer file (expected \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise TinygenError(f"{where}: tokenizer format version {data.get('version')!r}, "
+                               f"this tinygen reads version {VERSION}")
+        try:
+            order, pattern, specials = data["byte_order"], data["pattern"], data["special_tokens"]
+            if sorted(order) != list(range(256)) or not isinstance(pattern, str) or not isinstance(specials, dict):
+                raise ValueError("byte_order, pattern or special_tokens malformed")
+            ranks = {bytes([b]): i for i, b in enumerate(order)}
+            merges = []
+            for k, (left, right) in enumerate(data["merges"]):
+                a, b = _unescape(left), _unescape(right)
+                if a not in ranks or b not in ranks or a + b in ranks:
+                    raise ValueError(f"merge {k} {[left, right]}: both sides must be tokens defined before it, "
+                                     "and their concatenation a new one")
+                ranks[a + b] = len(ranks)
+                merges.append((a, b))
+            tok = cls(ranks, pattern, specials, merges)
+            if tok.vocab_size != data["vocab_size"]:
+                raise ValueError(f"vocab_size {data['vocab_size']!r} does not match the merges ({tok.vocab_size})")
+        except TinygenError as e:
+            raise TinygenError(f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise TinygenError(f"{where}: corrupt tokenizer file: {type(e).__name__}: {e}") from None
+        return tok
+
+    @classmethod
+    def from_tiktoken(cls, path, pattern="gpt4", special_tokens=None):
+        """A tiktoken rank file (lines "base64-token rank"), e.g. cl100k_base.tiktoken
+        with pattern "gpt4" and `CL100K_SPECIAL_TOKENS`."""
+        ranks = {}
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        token, rank = line.split()
+                        ranks[base64.b64decode(token, validate=True)] = int(rank)
+                    except ValueError:
+                        raise TinygenError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
+        return cls(ranks, pattern, special_tokens)
+
+    @classmethod
+    def from_gpt2(cls, vocab_json, merges_txt, pattern="gpt2"):
+        """GPT-2's vocab.json + merges.txt (or OpenAI's encoder.json + vocab.bpe).
+
+        Tokens are written with GPT-2's byte-to-unicode map (space is "Ġ");
+        vocabulary entries that no merge builds, like "<|endoftext|>", are special.
+        """
+        decoder = {c: b for b, c in _gpt2_byte_chars().items()}
+        ranks, merges = {}, []
+        try:
+            with open(vocab_json, encoding="utf-8") as f:
+                vocab = dict(json.load(f))
+            with open(merges_txt, encoding="utf-8") as f:
+                lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+            for c, b in decoder.items():
+                ranks[bytes([b])] = vocab.pop(c)
+            if sorted(ranks.values()) != list(range(256)):
+                raise TinygenError("the 256 byte tokens must have ids 0..255")
+            for n, line in enumerate(lines):
+                left, right = line.split(" ")
+                a, b = bytes(map(decoder.__getitem__, left)), bytes(map(decoder.__getitem__, right))
+                if vocab.pop(left + right, None) != 256 + n or a + b in ranks:
+                    raise TinygenError(f"merge {n} {line!r}: vocab.json must give {left + right!r} the id {256 + n}")
+                ranks[a + b] = 256 + n
+                merges.append((a, b))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, TinygenError):
+                raise TinygenError(f"{merges_txt}: {e}") from None
+            raise TinygenError(f"{vocab_json}, {merges_txt}: not GPT-2 vocab.json/merges.txt files: "
+                               f"{type(e).__name__} {e}") from None
+        return cls(ranks, pattern, vocab, merges)
+
+    @classmethod
+    def load_dir(cls, path):
+        """The tokenizer of a model directory: tinygen's tokenizer.json, else GPT-2's
+        vocab.json + merges.txt (or encoder.json + vocab.bpe)."""
+        own, foreign = os.path.join(path, "tokenizer.json"), None
+        if os.path.isfile(own):
+            try:
+                with open(own, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TinygenError(f"{own}: not a tokenizer file (invalid JSON, truncated?): {e}") from None
+            if isinstance(data, dict) and data.get("format") == FORMAT:
+                return cls.from_dict(data, own)
+            foreign = f"{own} is not a tinygen tokenizer file (a Hugging Face tokenizers file?)"
+        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if os.path.isfile(os.path.join(path, vocab)) and os.path.isfile(os.path.join(path, merges)):
+                return cls.from_gpt2(os.path.join(path, vocab), os.path.join(path, merges))
+        raise TinygenError((foreign + " and there is no vocab.json + merges.txt beside it") if foreign else
+                           f"{path}: no tokenizer found: expected tinygen's tokenizer.json, or vocab.json + merges.txt")
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(pattern):
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, TypeError) as e:
+        raise TinygenError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
+    if compiled.groups:
+        raise TinygenError(f"split pattern {pattern!r} has capturing groups; use (?:...) instead")
+    return compiled
+
+
+@functools.lru_cache(maxsize=8)
+def _splitter(pattern, block=1 << 16):
+    """The pattern's chunks of a text, as a list of lists (one per stretch of the text).
+
+    For GPT-2's and GPT-4's patterns there is a faster way than `regex`:
+    Python's `re` runs them about twice as fast once \\p{L}, \\p{N} and \\s are
+    spelled out as the ASCII characters that `regex` puts in them, which is exact
+    on ASCII text. Text is cut at safe points, newlines right after an ASCII
+    letter or digit: no chunk of either pattern crosses one or looks across one.
+    Stretches holding non-ASCII characters go to `regex`, the rest to `re`, in
+    blocks of about `block` characters so that each block's chunks stay in the
+    CPU cache while they are encoded.
+    """
+    slow = _compile(pattern).findall
+    if pattern not in PATTERNS.values():
+        return lambda text: [slow(text)]
+    ascii_set = lambda cls: "".join(re.escape(chr(c)) for c in range(128) if regex.match(cls, chr(c)))  # noqa
+    letters, digits, spaces = ascii_set(r"\p{L}"), ascii_set(r"\p{N}"), ascii_set(r"\s")
+    twin = (pattern.replace(r"[^\s\p{L}\p{N}]", f"[^{spaces}{letters}{digits}]")
+            .replace(r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{letters}{digits}]").replace(r"\p{L}", f"[{letters}]")
+            .replace(r"\p{N}", f"[{digits}]").replace(r"\s", f"[{spaces}]").replace(r"\S", f"[^{spaces}]"))
+    fast = re.compile(twin).findall
+
+    def fast_blocks(text, pos, end, out):
+        while pos < end:
+            cut = _safe_point_after(text, pos + block, end) if end - pos > 2 * block else end
+            out.append(fast(text[pos:cut]))  # a slice of ASCII is stored 1 byte/char: faster
+            pos = cut
+
+    def split(text):
+        blocks, pos = [], 0
+        if not text.isascii():
+            for run in _NON_ASCII.finditer(text):
+                if run.start() >= pos:  # else it is inside the last stretch given to `regex`
+                    start = _safe_point_before(text, run.start(), pos)
+                    fast_blocks(text, pos, start, blocks)
+                    pos = _safe_point_after(text, run.end(), len(text))
+                    blocks.append(slow(text, start, pos))
+        fast_blocks(text, pos, len(text), blocks)
+        return blocks
+
+    return split
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _safe_point_before(text, i, lo):
+    """The last newline in text[lo:i] that follows an ASCII letter or digit, else lo."""
+    j = text.rfind("\n", lo, i)
+    while j > lo and text[j - 1] not in _ALNUM:
+        j = text.rfind("\n", lo, j)
+    return j if j > lo else lo
+
+
+def _safe_point_after(text, i, hi):
+    """The first newline in text[i:hi] that follows an ASCII letter or digit, else hi."""
+    j = text.find("\n", i, hi)
+    while j != -1 and (j == 0 or text[j - 1] not in _ALNUM):
+        j = text.find("\n", j + 1, hi)
+    return hi if j == -1 else j
+
+
+@functools.lru_cache(maxsize=64)
+def _special_regex(specials):
+    """One regex matching any of `specials`, longest first, captured (for `split`)."""
+    return regex.compile("(" + "|".join(map(regex.escape, sorted(specials, key=lambda s: (-len(s), s)))) + ")")
+
+
+def _gather(flat, starts, lens):
+    """The bytes flat[starts[0]:starts[0]+lens[0]] + flat[starts[1]:...] + ..., without a Python loop."""
+    ends = np.cumsum(lens)
+    return flat[np.arange(ends[-1]) - np.repeat(ends - lens - starts, lens)].tobytes()
+
+
+def _call_update(progress, done, total):
+    progress.update(done)
+
+
+def _fix_surrogates(text):
+    """Join surrogate pairs and replace lone surrogates with U+FFFD (tiktoken's fix-up)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _utf8(chunk):
+    try:
+        return chunk.encode("utf-8")
+    except UnicodeEncodeError:
+        return _fix_surrogates(chunk).encode("utf-8")
+
+
+def _escape(b):
+    r"""Bytes -> readable str: UTF-8 as text, other bytes as \xNN, "\" as "\\": b"\xff a\\" -> '\\xff a\\\\'."""
+    return "\\\\".join(part.decode("utf-8", "backslashreplace") for part in b.split(b"\\"))
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _unescape(s):
+    r"""The inverse of `_escape`: '\\xff a\\\\' -> b"\xff a\\"."""
+    out, i = bytearray(), 0
+    while (j := s.find("\\", i)) >= 0:
+        out += s[i:j].encode("utf-8")
+        if s[j + 1 : j + 2] == "\\":
+            out.append(92)
+            i = j + 2
+        elif s[j + 1 : j + 2] == "x" and len(s[j + 2 : j + 4]) == 2 and set(s[j + 2 : j + 4]) <= _HEX:
+            out.append(int(s[j + 2 : j + 4], 16))
+            i = j + 4
+        else:
+            raise ValueError(f"bad escape in token {s!r}: expected \\\\ or \\xNN")
+    out += s[i:].encode("utf-8")
+    if not out:
+        raise ValueError("empty token in merges")
+    return bytes(out)
+
+
+def _gpt2_byte_chars():
+    """GPT-2's map from bytes to printable characters: 33 -> "!", 32 (space) -> "Ġ", 10 -> "Ċ".
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in order,
+    to chr(256), chr(257), ... so every token is a readable, space-free string.
+    """
+    keep = [b for b in range(256) if chr(b).isprintable() and b != 32]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
