@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tinygen import GPT, GPTConfig, KVCache
@@ -38,9 +38,8 @@ def test_model_gradients_match_finite_differences(config, data):
         rng = np.random.default_rng(0)
         model.params = {k: p + rng.normal(0, 0.1, p.shape) for k, p in model.params.items()}
     _, grads = model.loss_and_grads(idx, targets)
-    # A loss flat in every parameter (n_embd=1, where every layer norm outputs its bias,
-    # with balanced targets) leaves only rounding noise to compare: see docs/gradcheck.md.
-    assume(any(g.any() for g in grads.values()))
+    # A loss flat in every parameter (n_embd=1 with balanced targets) is covered by
+    # gradcheck's absolute floor: see docs/gradcheck.md.
     errors = check_model(model, idx, targets, max_coords=3, seed=1)
     assert set(errors) == set(model.params)
     assert max(errors.values()) < THRESHOLD, errors

@@ -11,8 +11,16 @@ GPT-2 checkpoints ("h.0.attn.c_attn.weight" is (C, 3C), used as x @ w), so
 the same keys index gradients, optimizer state and checkpoints.
 `gpt_forward` / `gpt_backward` are the pure pair; `GPT` is a thin holder.
 
+Fine-tuning hooks are data-driven: the same functions apply LoRA to a
+projection when `NAME.lora_A` is in params (tinygen.lora), an adapter after
+each branch's c_proj when `h.{i}.adapter_attn.*` / `adapter_mlp.*` are
+(tinygen.adapters), and virtual prompt tokens when `prompt.weight` is
+(tinygen.prompt_tuning). A plain checkpoint has none of these keys and
+takes the plain path. LoRA's scale and dropout are hyperparameters, passed
+as a `LoraSpec`, not stored in params.
+
 Shapes: B batch, T time, C n_embd, H n_head, D head width, V vocabulary,
-L n_layer.
+L n_layer, n virtual prompt tokens.
 """
 import math
 from typing import NamedTuple, Optional
@@ -21,6 +29,7 @@ import numpy as np
 
 from .attention import attend, causal_attention_backward, causal_attention_forward, merge_heads, split_heads
 from .config import GPTConfig
+from .adapters import adapter_backward, adapter_forward, adapter_names
 from .errors import TinygenError
 from .layers import (
     dropout_backward,
@@ -34,7 +43,9 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
+from .lora import LoraCache, LoraSpec, lora_linear_backward, lora_linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
+from .prompt_tuning import NAME as PROMPT, prompt_backward, prompt_forward
 
 
 def param_shapes(config: GPTConfig) -> dict:
@@ -103,45 +114,57 @@ def check_ids(idx, config: GPTConfig, what="idx", allow_ignore=False):
     return idx
 
 
+def has_hooks(params: dict) -> bool:
+    """True when params hold LoRA, adapter or prompt-tuning weights, which only
+    gpt_forward applies (decode.decode_step's fast path knows the plain model only)."""
+    return any(k.endswith(".lora_A") or ".adapter_" in k or k == PROMPT for k in params)
+
+
 # ------------------------------------------------------------------ block
 class BlockCache(NamedTuple):
     ln_1: tuple  # LayerNormCache
-    c_attn: tuple  # LinearCache: ln_1 out (B,T,C) -> qkv (B,T,3C)
+    c_attn: tuple  # LinearCache (LoraCache with LoRA): ln_1 out (B,T,C) -> qkv (B,T,3C)
     attn: Optional[tuple]  # AttentionCache, None when decoding with a KV cache
-    c_proj: tuple  # LinearCache: y (B,T,C) -> (B,T,C)
+    c_proj: tuple  # LinearCache or LoraCache: y (B,T,C) -> (B,T,C)
+    adapter_attn: Optional[tuple]  # AdapterCache (B,T,C) -> (B,T,C), None without adapters
     drop_attn: tuple  # DropoutCache on the attention branch
     ln_2: tuple
-    c_fc: tuple  # LinearCache: (B,T,C) -> (B,T,4C)
+    c_fc: tuple  # LinearCache or LoraCache: (B,T,C) -> (B,T,4C)
     gelu: tuple  # GeluCache (B,T,4C)
-    mlp_proj: tuple  # LinearCache: (B,T,4C) -> (B,T,C)
+    mlp_proj: tuple  # LinearCache or LoraCache: (B,T,4C) -> (B,T,C)
+    adapter_mlp: Optional[tuple]  # AdapterCache, None without adapters
     drop_mlp: tuple
 
 
-def block_forward(x, params, i, n_head, dropout=0.0, rng=None, kv=None):
+def block_forward(x, params, i, n_head, dropout=0.0, rng=None, kv=None, lora=None):
     """Pre-LN block i: x + attn(ln_1(x)), then + mlp(ln_2(x)).  x (B,T,C) -> (B,T,C).
 
     kv: for decoding, a (k, v, start) triple of preallocated (B,H,T_max,D)
     buffers; this block's keys and values are written at [start, start+T)
     and the queries attend to everything up to there.
+    lora: the LoraSpec for any `*.lora_A` / `*.lora_B` entries of params.
     """
     h = f"h.{i}."
     p = params
     a, ln_1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-    qkv, c_attn = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B,T,3C)
+    qkv, c_attn = project(a, p, h + "attn.c_attn", lora, rng)  # (B,T,3C)
     if kv is None:
         y, attn = causal_attention_forward(qkv, n_head, dropout, rng)  # (B,T,C)
     else:
         y, attn = cached_attention(qkv, n_head, *kv), None
-    a, c_proj = linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+    a, c_proj = project(y, p, h + "attn.c_proj", lora, rng)
+    a, adapter_attn = adapt(a, p, i, "adapter_attn")
     a, drop_attn = dropout_forward(a, dropout, rng)
     x = x + a
     m, ln_2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-    m, c_fc = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B,T,4C)
+    m, c_fc = project(m, p, h + "mlp.c_fc", lora, rng)  # (B,T,4C)
     m, gelu = gelu_forward(m)
-    m, mlp_proj = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B,T,C)
+    m, mlp_proj = project(m, p, h + "mlp.c_proj", lora, rng)  # (B,T,C)
+    m, adapter_mlp = adapt(m, p, i, "adapter_mlp")
     m, drop_mlp = dropout_forward(m, dropout, rng)
     x = x + m
-    return x, BlockCache(ln_1, c_attn, attn, c_proj, drop_attn, ln_2, c_fc, gelu, mlp_proj, drop_mlp)
+    return x, BlockCache(ln_1, c_attn, attn, c_proj, adapter_attn, drop_attn, ln_2, c_fc, gelu, mlp_proj,
+                         adapter_mlp, drop_mlp)
 
 
 def block_backward(dx, cache, i):
@@ -152,18 +175,60 @@ def block_backward(dx, cache, i):
     h = f"h.{i}."
     g = {}
     (dm,) = dropout_backward(dx, cache.drop_mlp)
-    dm, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"] = linear_backward(dm, cache.mlp_proj)
+    dm = adapt_backward(dm, cache.adapter_mlp, i, "adapter_mlp", g)
+    dm = project_backward(dm, cache.mlp_proj, h + "mlp.c_proj", g)
     (dm,) = gelu_backward(dm, cache.gelu)
-    dm, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"] = linear_backward(dm, cache.c_fc)
+    dm = project_backward(dm, cache.c_fc, h + "mlp.c_fc", g)
     dm, g[h + "ln_2.weight"], g[h + "ln_2.bias"] = layernorm_backward(dm, cache.ln_2)
     dx = dx + dm  # residual: x_mid feeds both the MLP branch and the output
     (da,) = dropout_backward(dx, cache.drop_attn)
-    da, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"] = linear_backward(da, cache.c_proj)
+    da = adapt_backward(da, cache.adapter_attn, i, "adapter_attn", g)
+    da = project_backward(da, cache.c_proj, h + "attn.c_proj", g)
     (da,) = causal_attention_backward(da, cache.attn)
-    da, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"] = linear_backward(da, cache.c_attn)
+    da = project_backward(da, cache.c_attn, h + "attn.c_attn", g)
     da, g[h + "ln_1.weight"], g[h + "ln_1.bias"] = layernorm_backward(da, cache.ln_1)
     dx += da  # residual: x_in feeds both the attention branch and x_mid
     return dx, g
+
+
+def project(x, params, name, lora=None, rng=None):
+    """x @ NAME.weight + NAME.bias, plus LoRA's (alpha/r) drop(x) @ A @ B when
+    `NAME.lora_A` is in params. -> (out, LinearCache or LoraCache)."""
+    w, b = params[name + ".weight"], params[name + ".bias"]
+    if name + ".lora_A" not in params:
+        return linear_forward(x, w, b)
+    if lora is None:
+        raise TinygenError(f"params hold LoRA weights ({name}.lora_A) but no LoraSpec was given (pass lora=...)")
+    A, B = params[name + ".lora_A"], params[name + ".lora_B"]
+    return lora_linear_forward(x, w, b, A, B, lora.scale, lora.dropout, rng)
+
+
+def project_backward(dout, cache, name, g):
+    """project's backward: writes NAME's gradients into g, returns dx."""
+    if isinstance(cache, LoraCache):
+        dx, g[name + ".weight"], g[name + ".bias"], g[name + ".lora_A"], g[name + ".lora_B"] = \
+            lora_linear_backward(dout, cache)
+    else:
+        dx, g[name + ".weight"], g[name + ".bias"] = linear_backward(dout, cache)
+    return dx
+
+
+def adapt(x, params, i, site):
+    """Block i's adapter at `site` ("adapter_attn" / "adapter_mlp") when params
+    hold one, else the identity. x (B,T,C) -> (out (B,T,C), AdapterCache or None)."""
+    names = adapter_names(i, site)
+    if names[0] not in params:
+        return x, None
+    return adapter_forward(x, *(params[n] for n in names))
+
+
+def adapt_backward(dout, cache, i, site, g):
+    """adapt's backward: writes the adapter's gradients into g, returns dx."""
+    if cache is None:
+        return dout
+    dx, *grads = adapter_backward(dout, cache)
+    g.update(zip(adapter_names(i, site), grads))
+    return dx
 
 
 def cached_attention(qkv, n_head, k_buf, v_buf, start):
@@ -184,37 +249,48 @@ def cached_attention(qkv, n_head, k_buf, v_buf, start):
 # ------------------------------------------------------------------ model
 class GPTCache(NamedTuple):
     wte: tuple  # EmbeddingCache of idx
-    wpe: tuple  # EmbeddingCache of positions 0..T-1
+    prompt: Optional[tuple]  # PromptCache: n virtual tokens prepended, None without prompt tuning
+    wpe: tuple  # EmbeddingCache of positions 0..n+T-1
     drop: tuple  # DropoutCache of the embedding sum
     blocks: list  # BlockCache per layer
     ln_f: tuple  # LayerNormCache
     head: tuple  # LinearCache: ln_f out (B,T,C) @ wte^T (C,V)
 
 
-def gpt_forward(params, idx, config: GPTConfig, rng=None, kv=None):
+def gpt_forward(params, idx, config: GPTConfig, rng=None, kv=None, lora: Optional[LoraSpec] = None):
     """idx (B,T) ints -> (logits (B,T,V), cache).
 
     rng: a numpy Generator for dropout (training); None means no dropout.
     kv: a KVCache for decoding; idx are then the next T tokens after
     kv.length, whose keys and values are appended (kv.length advances).
+    lora: the LoraSpec (scale, dropout) of any LoRA weights in params.
+    With `prompt.weight` (n, C) in params, n virtual tokens are prepended
+    (on the first call when decoding) and their logits dropped.
     """
     B, T = idx.shape
     start = 0 if kv is None else kv.length
-    if start + T > config.block_size:
-        raise TinygenError(f"positions {start}..{start + T - 1} exceed block_size={config.block_size}")
     tok, wte = embedding_forward(idx, params["wte.weight"])  # (B,T,C)
-    pos, wpe = embedding_forward(np.arange(start, start + T), params["wpe.weight"])  # (T,C)
-    x, drop = dropout_forward(tok + pos, config.dropout, rng)  # (B,T,C)
+    prompt = None
+    if PROMPT in params and start == 0:
+        tok, prompt = prompt_forward(tok, params[PROMPT])  # (B,n+T,C)
+    T_in = tok.shape[1]  # T, or n + T with a prompt
+    if start + T_in > config.block_size:
+        virtual = f" ({prompt.n} virtual prompt tokens + {T} tokens)" if prompt else ""
+        raise TinygenError(f"positions {start}..{start + T_in - 1}{virtual} exceed block_size={config.block_size}")
+    pos, wpe = embedding_forward(np.arange(start, start + T_in), params["wpe.weight"])  # (T_in,C)
+    x, drop = dropout_forward(tok + pos, config.dropout, rng)  # (B,T_in,C)
     blocks = []
     for i in range(config.n_layer):
         layer_kv = None if kv is None else (kv.k[i], kv.v[i], start)
-        x, c = block_forward(x, params, i, config.n_head, config.dropout, rng, layer_kv)
+        x, c = block_forward(x, params, i, config.n_head, config.dropout, rng, layer_kv, lora)
         blocks.append(c)
+    if prompt is not None:
+        x = x[:, prompt.n:]  # (B,T,C): virtual positions predict nothing
     x, ln_f = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"])
     logits, head = linear_forward(x, params["wte.weight"].T, None)  # (B,T,V), tied to wte
     if kv is not None:
-        kv.length = start + T
-    return logits, GPTCache(wte, wpe, drop, blocks, ln_f, head)
+        kv.length = start + T_in
+    return logits, GPTCache(wte, prompt, wpe, drop, blocks, ln_f, head)
 
 
 def gpt_backward(dlogits, cache: GPTCache) -> dict:
@@ -225,11 +301,17 @@ def gpt_backward(dlogits, cache: GPTCache) -> dict:
     g = {}
     dx, dhead_t, _ = linear_backward(dlogits, cache.head)  # dhead_t (C,V) is d(wte^T)
     dx, g["ln_f.weight"], g["ln_f.bias"] = layernorm_backward(dx, cache.ln_f)
+    if cache.prompt is not None:  # the dropped virtual positions get no gradient from the head
+        B, T, C = dx.shape
+        dx = np.concatenate([np.zeros((B, cache.prompt.n, C), dx.dtype), dx], axis=1)  # (B,n+T,C)
     for i in reversed(range(len(cache.blocks))):
         dx, gb = block_backward(dx, cache.blocks[i], i)
         g.update(gb)
     (dx,) = dropout_backward(dx, cache.drop)
-    (g["wte.weight"],) = embedding_backward(dx, cache.wte)
+    dtok = dx
+    if cache.prompt is not None:
+        dtok, g[PROMPT] = prompt_backward(dx, cache.prompt)  # (B,T,C), (n,C)
+    (g["wte.weight"],) = embedding_backward(dtok, cache.wte)
     g["wte.weight"] += dhead_t.T  # tied LM head
     (g["wpe.weight"],) = embedding_backward(dx.sum(axis=0), cache.wpe)  # positions are shared by the batch
     return g
@@ -257,10 +339,12 @@ class GPT:
         loss, grads = model.loss_and_grads(idx, targets)
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0, params: Optional[dict] = None):
+    def __init__(self, config: GPTConfig, seed: int = 0, params: Optional[dict] = None,
+                 lora: Optional[LoraSpec] = None):
         if not isinstance(config, GPTConfig):
             raise TinygenError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
+        self.lora = lora  # LoraSpec of any LoRA weights in params (tinygen.lora)
         if params is None:
             params = init_params(config, np.random.default_rng(seed))
         else:
@@ -275,7 +359,9 @@ class GPT:
     def forward(self, idx, kv: Optional[KVCache] = None) -> np.ndarray:
         """idx (B,T) ints -> logits (B,T,V), without dropout."""
         idx = check_ids(idx, self.config)
-        logits, _ = gpt_forward(self.params, idx, self.config, kv=kv)
+        if kv is not None and kv.k.shape[1] != idx.shape[0]:  # would broadcast silently
+            raise TinygenError(f"idx has batch size {idx.shape[0]} but the KVCache was made for {kv.k.shape[1]}")
+        logits, _ = gpt_forward(self.params, idx, self.config, kv=kv, lora=self.lora)
         return logits
 
     def generate(self, idx, max_new_tokens, **options) -> np.ndarray:
@@ -313,7 +399,7 @@ class GPT:
         targets = check_ids(targets, self.config, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise TinygenError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
-        logits, cache = gpt_forward(self.params, idx, self.config, rng=rng)
+        logits, cache = gpt_forward(self.params, idx, self.config, rng=rng, lora=self.lora)
         loss, ce = cross_entropy_forward(logits, targets)
         (dlogits,) = cross_entropy_backward(1.0, ce)
         return loss, gpt_backward(dlogits, cache)

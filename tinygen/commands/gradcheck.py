@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ..adapters import adapter_backward, adapter_forward, init_adapters
 from ..attention import causal_attention_backward, causal_attention_forward
 from ..config import GPTConfig
 from ..layers import (
@@ -23,9 +24,11 @@ from ..layers import (
     linear_backward,
     linear_forward,
 )
+from ..lora import LoraSpec, init_lora, lora_linear_backward, lora_linear_forward
 from ..loss import cross_entropy_backward, cross_entropy_forward
 from ..model import GPT, block_backward, block_forward, init_params
 from ..numerical import THRESHOLD, check_layer, check_model
+from ..prompt_tuning import init_prompt, prompt_backward, prompt_forward
 
 
 def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):
@@ -66,6 +69,7 @@ def layer_checks(seed=0, max_coords=64):
         ("causal attention (dropout)", causal_attention_forward, causal_attention_backward, [rng.standard_normal((B, T, 3 * C))],
          {"n_head": H, "mask": dropout_mask((B, H, T, T), 0.3, rng, x.dtype)}, ["qkv"]),
         ("cross-entropy", cross_entropy_forward, cross_entropy_backward, [3 * rng.standard_normal((B, T, V)), targets], {}, ["logits"]),
+        *finetune_cases(rng, x, B, T, C),
     ]
     results = []
     for layer, fwd, bwd, args, kwargs, names in cases:
@@ -75,6 +79,46 @@ def layer_checks(seed=0, max_coords=64):
     errors = block_check(rng, max_coords=max_coords, seed=seed)
     results.append(("transformer block", {n: (None, e) for n, e in errors.items()}))
     return results
+
+
+def finetune_cases(rng, x, B, T, C, r=3, m=4, n=2):
+    """Layer cases of the fine-tuning methods: LoRA (with and without dropout), adapter, prompt."""
+    w, b = rng.standard_normal((C, 3 * C)), rng.standard_normal(3 * C)
+    A, Bm = rng.standard_normal((C, r)), rng.standard_normal((r, 3 * C))  # B nonzero, so dA is too
+    lora_names = ["x", "w", "b", "lora_A", "lora_B"]
+    mask = dropout_mask(x.shape, 0.3, rng, x.dtype)
+    adapter = [rng.standard_normal((C, m)), rng.standard_normal(m), rng.standard_normal((m, C)), rng.standard_normal(C)]
+    return [
+        ("lora linear", lora_linear_forward, lora_linear_backward, [x, w, b, A, Bm], {"scale": 2.0}, lora_names),
+        ("lora linear (dropout)", lora_linear_forward, lora_linear_backward, [x, w, b, A, Bm],
+         {"scale": 2.0, "mask": mask}, lora_names),
+        ("adapter", adapter_forward, adapter_backward, [x, *adapter], {},
+         ["x", "down.weight", "down.bias", "up.weight", "up.bias"]),
+        ("prompt tuning", prompt_forward, prompt_backward, [x, rng.standard_normal((n, C))], {}, ["tok", "prompt"]),
+    ]
+
+
+def finetune_model_check(seed=0, max_coords=16):
+    """('GPT + LoRA/adapters/prompt', {param: (shape, error)}): every fine-tuning tensor of a
+    float64 model carrying all three methods at once, plus the base tensors the hooks touch."""
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dtype="float64")
+    rng = np.random.default_rng(seed)
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("c_attn", "c_proj", "c_fc"))
+    params = init_params(config, rng)
+    params.update(init_lora(params, spec, rng))
+    params.update(init_adapters(config.n_layer, config.n_embd, 3, rng, np.float64))
+    params.update(init_prompt(params["wte.weight"], 2, rng))
+    for k in params:  # the zero-initialised halves (lora_B, adapter up) must be nonzero to test the others
+        if k.endswith(("lora_B", "up.weight", "up.bias")):
+            params[k] = params[k] + rng.normal(0, 0.3, params[k].shape)
+    model = GPT(config, params=params, lora=spec)
+    idx = rng.integers(0, config.vocab_size, (2, 6))  # 2 virtual + 6 real positions = block_size
+    targets = rng.integers(0, config.vocab_size, (2, 6))
+    targets[0, :3] = -1  # prompt positions of a fine-tuning batch
+    names = [k for k in params if ".lora_" in k or ".adapter_" in k or k.startswith("prompt.")]
+    names += ["wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"]
+    errors = check_model(model, idx, targets, max_coords, seed, names=names)
+    return "GPT + LoRA/adapters/prompt", {n: (params[n].shape, e) for n, e in errors.items()}
 
 
 def model_check(seed=0, max_coords=16):
@@ -90,14 +134,14 @@ def model_check(seed=0, max_coords=16):
 
 def format_table(results, threshold=THRESHOLD):
     """Rows of `layer  tensor  shape  max rel error  PASS/FAIL`; returns (text, n_failed)."""
-    lines = [f"{'layer':<28} {'tensor':<26} {'shape':<12} {'max rel err':>11}  result", "-" * 88]
+    lines = [f"{'layer':<28} {'tensor':<28} {'shape':<12} {'max rel err':>11}  result", "-" * 90]
     failed = 0
     for layer, tensors in results:
         for name, (shape, err) in tensors.items():
             ok = err < threshold
             failed += not ok
             shape_text = "x".join(map(str, shape)) if shape is not None else ""
-            lines.append(f"{layer:<28} {name:<26} {shape_text:<12} {err:>11.2e}  {'pass' if ok else 'FAIL'}")
+            lines.append(f"{layer:<28} {name:<28} {shape_text:<12} {err:>11.2e}  {'pass' if ok else 'FAIL'}")
     return "\n".join(lines), failed
 
 
@@ -119,6 +163,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     results = layer_checks(args.seed, args.max_coords)
     results.append(model_check(args.seed, max(4, args.max_coords // 4)))
+    results.append(finetune_model_check(args.seed, max(4, args.max_coords // 4)))
     text, failed = format_table(results, args.threshold)
     print(text)
     rows = sum(len(t) for _, t in results)

@@ -1,0 +1,103 @@
+"""`tinygen finetune`: adapt a pretrained run to prompt/completion tasks.
+
+    tinygen finetune --base runs/pretrain-small --data builtin --method lora --out runs/lora
+    tinygen finetune --base runs/pretrain-small --data mine.jsonl --method full --freeze-layers 2 --out runs/ft
+    tinygen finetune --resume runs/lora --max-steps 600
+
+The base run directory is only read. Progress, metrics.jsonl, loss.svg,
+checkpoints and --resume behave as in `tinygen pretrain`; at the end every
+task is evaluated on the test split (loss and exact-match accuracy of
+greedy completions), printed and written to OUT/eval.json.
+"""
+import os
+import sys
+
+from ..cli import add_dataclass_arguments, dataclass_overrides
+from ..errors import TinygenError
+from ..fileio import read_json
+from ..finetune import FINETUNE_FILE, METHODS, FinetuneConfig, run as finetune
+
+HELP = {
+    "method": f"what to train: {', '.join(METHODS)}",
+    "freeze_embeddings": "full: keep wte/wpe (and so the tied LM head) frozen",
+    "freeze_layers": "full: keep the lowest N blocks frozen",
+    "lora_rank": "lora: rank r of each update A B",
+    "lora_alpha": "lora: the update is scaled by alpha / r",
+    "lora_dropout": "lora: dropout on the update's input",
+    "lora_targets": "lora: comma-separated projections among c_attn, c_proj, c_fc",
+    "adapter_size": "adapter: bottleneck width m",
+    "n_virtual": "prompt: number of virtual tokens",
+    "tasks": "comma-separated tasks to train and evaluate; empty means all",
+    "batch_size": "examples per step",
+    "max_steps": "optimizer steps (with --resume: continue up to this step)",
+    "lr": "peak learning rate; None picks the method's: full 1e-3, lora and adapter 3e-3, prompt 3e-2",
+    "warmup_steps": "steps of linear warm-up",
+    "weight_decay": "AdamW weight decay of the trained 2-D weights",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "dropout": "dropout probability while training",
+    "eval_interval": "steps between validation-loss measurements",
+    "eval_batches": "validation batches per measurement",
+    "checkpoint_interval": "steps between checkpoints",
+    "eval_examples": "test examples per task decoded for the accuracy",
+    "seed": "seed of the new weights and the batch order",
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained run on prompt/completion data (full, LoRA, adapters, prompt tuning)",
+        description="Fine-tune the model of --base on JSONL prompt/completion data or the built-in "
+        "standard-library tasks. The loss counts completion tokens only. The base is never modified: "
+        "full fine-tuning writes a whole model to --out, the other methods only their own small "
+        "adapter.safetensors, which loads on top of its base (`tinygen sample --model OUT`).",
+    )
+    p.add_argument("--base", metavar="RUN_DIR", help="the pretrained run directory (model and tokenizer)")
+    p.add_argument("--data", metavar="FILE.jsonl|builtin",
+                   help='JSONL lines {"prompt", "completion", "task"?}, or "builtin" for the standard-library tasks')
+    p.add_argument("--out", metavar="RUN_DIR2", help="run directory to write")
+    p.add_argument("--resume", metavar="RUN_DIR2", help="continue this fine-tuning run from its last checkpoint")
+    add_dataclass_arguments(p.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, HELP)
+    p.set_defaults(run=run)
+
+
+def resolve(args):
+    """Flags -> (base_dir, data, out_dir, FinetuneConfig, resume)."""
+    over = dataclass_overrides(args, FinetuneConfig)
+    if args.resume:
+        path = os.path.join(args.resume, FINETUNE_FILE)
+        if not os.path.isfile(path):
+            raise TinygenError(f"--resume {args.resume}: no {FINETUNE_FILE}, so not a fine-tuning run directory")
+        info = read_json(path, what="fine-tuning description")
+        extra = sorted(set(over) - {"max_steps"})
+        if extra or args.base or args.data or args.out:
+            raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; only --max-steps can change")
+        fc = FinetuneConfig(**{**info["config"], **over})
+        return info["base"], info["data"], args.resume, fc, True
+    missing = [f for f, v in (("--base", args.base), ("--data", args.data), ("--out", args.out)) if not v]
+    if missing:
+        raise TinygenError(f"missing {', '.join(missing)} (or --resume RUN_DIR2)")
+    if args.data != "builtin" and not os.path.isfile(args.data):
+        raise TinygenError(f"--data {args.data}: no such file (give a JSONL file or 'builtin')")
+    return args.base, args.data, args.out, FinetuneConfig(**over), False
+
+
+def format_eval(scores: dict) -> str:
+    """The per-task table printed at the end."""
+    lines = [f"{'task':<16} {'examples':>8} {'loss':>8} {'accuracy':>9}"]
+    for task, s in scores.items():
+        lines.append(f"{task:<16} {s['examples']:>8} {s['val_loss']:>8.4f} {s['accuracy']:>9.1%}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    base_dir, data, out_dir, fc, resume = resolve(args)
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)
+    if result["train"]["interrupted"]:
+        say(f"stopped; continue with: tinygen finetune --resume {out_dir}")
+        return 130
+    print(f"run directory: {out_dir}  (sample with: tinygen sample --model {out_dir} --prompt ...)")
+    print("test split:")
+    print(format_eval(result["eval"]))
+    return 0
