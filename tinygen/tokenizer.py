@@ -26,6 +26,7 @@ import regex
 
 from .bpe import encode_piece, recover_merges, train_merges
 from .errors import TinygenError
+from .fileio import atomic_write_text
 
 # Byte-exact copies of tiktoken's r50k (GPT-2) and cl100k (GPT-4) split patterns.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -252,10 +253,7 @@ class Tokenizer:
         merges = data.pop("merges")
         fields = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in data.items()]
         lines = ",\n".join("  " + json.dumps(m, ensure_ascii=False) for m in merges)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("{\n" + "\n".join(fields) + '\n "merges": [\n' + lines + "\n ]\n}\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "{\n" + "\n".join(fields) + '\n "merges": [\n' + lines + "\n ]\n}\n")
 
     @classmethod
     def load(cls, path):

@@ -57,7 +57,7 @@ class TrainConfig:
     # optimization
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 600
+    max_steps: int = 800
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 30
