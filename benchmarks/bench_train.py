@@ -33,8 +33,10 @@ def build(cfg: dict, seed: int):
     The optimizer is a plug-in: if tinygen.optim has no AdamW yet,
     optimizer_step is None and only forward + backward is timed.
     """
+    from tinygen.memory import reuse_freed_memory
     from tinygen.model import GPT
 
+    reuse_freed_memory()  # as tinygen's training loop does
     model = GPT(common.gpt_config(cfg), seed)
     idx, targets = common.make_batch(cfg, seed)
     try:

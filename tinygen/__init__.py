@@ -6,9 +6,10 @@
 """
 from .config import GPTConfig
 from .errors import TinygenError
-from .numerical import check_layer, check_model, gradcheck
+from .memory import reuse_freed_memory
 from .model import GPT, KVCache
+from .numerical import check_layer, check_model, gradcheck
 from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model", "reuse_freed_memory"]
 __version__ = "0.1.0"

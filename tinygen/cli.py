@@ -11,6 +11,7 @@ import sys
 import typing
 
 from .errors import TinygenError
+from .memory import reuse_freed_memory
 
 
 def add_dataclass_arguments(parser, cls, help: dict, skip=()):
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/memory.py
     try:
         return int(args.run(args) or 0)
     except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

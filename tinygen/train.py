@@ -36,6 +36,7 @@ from .checkpoint import LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_tr
 from .config import GPTConfig
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
+from .memory import reuse_freed_memory
 from .metrics import MetricsLog, read_metrics, truncate_after
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
 from .plot import write_loss_svg
@@ -193,6 +194,7 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     """
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
     save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
     opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay, trainable=trainable)
