@@ -14,7 +14,7 @@ from tinygen.layers import (
 )
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from tinygen.numerical import THRESHOLD, check_layer
-from tinygen.testing import arrays
+from tinygen.testing import arrays, float_arrays
 
 # B, T, C: batch 1..3, time 1..5 (T=1 and B=1 included), width 1..8
 dims = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 8))
@@ -100,15 +100,6 @@ def test_backward_leaves_dout_and_cache_unchanged():
 
 
 # ----------------------------------------------------------------- both dtypes
-def float_arrays(obj):
-    """Every floating ndarray inside obj (nested tuples / NamedTuples / lists)."""
-    if isinstance(obj, np.ndarray):
-        return [obj] if obj.dtype.kind == "f" else []
-    if isinstance(obj, (tuple, list)):
-        return [a for item in obj for a in float_arrays(item)]
-    return []
-
-
 @given(dims, seeds)
 @example((1, 1, 1), 0).via("T=1, B=1, C=1")
 def test_float32_layers_stay_float32_and_agree_with_float64(dims, seed):

@@ -12,18 +12,9 @@ from tinygen.errors import TinygenError
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from tinygen.model import gpt_backward, gpt_forward, init_params, param_shapes
 from tinygen.numerical import THRESHOLD, check_model, gradcheck
-from tinygen.testing import configs, token_batches
+from tinygen.testing import configs, float_arrays, token_batches
 
 SMALL = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dtype="float64")
-
-
-def float_arrays(obj):
-    """Every floating ndarray inside obj (nested tuples / NamedTuples / lists)."""
-    if isinstance(obj, np.ndarray):
-        return [obj] if obj.dtype.kind == "f" else []
-    if isinstance(obj, (tuple, list)):
-        return [a for item in obj for a in float_arrays(item)]
-    return []
 
 
 # ---------------------------------------------------- gradients of the whole model

@@ -30,7 +30,7 @@ import numpy as np
 from .config import GPTConfig
 from .numerical import THRESHOLD, check_layer, check_model, gradcheck
 
-__all__ = ["configs", "token_batches", "arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
+__all__ = ["configs", "token_batches", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
 
 
 @st.composite
@@ -80,3 +80,16 @@ def arrays(shape, dtype=np.float64, elements=None):
         width = 32 if dtype == np.float32 else 64
         elements = st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False, width=width)
     return hnp.arrays(dtype, shape, elements=elements)
+
+
+def float_arrays(obj):
+    """Every floating ndarray inside obj (nested tuples / NamedTuples / lists):
+    check that a float32 forward, its caches and its gradients stay float32.
+
+        float_arrays((np.zeros(2, np.float32), (np.arange(3), np.ones(1))))  # the two float arrays
+    """
+    if isinstance(obj, np.ndarray):
+        return [obj] if obj.dtype.kind == "f" else []
+    if isinstance(obj, (tuple, list)):
+        return [a for item in obj for a in float_arrays(item)]
+    return []
