@@ -46,14 +46,18 @@ def causal_mask(Tq, Tk, dtype):
     return np.where(future, -np.inf, 0.0).astype(dtype)
 
 
-def attend(q, k, v):
-    """y = softmax(q k^T / sqrt(D) + mask) v.  q (B,H,Tq,D), k, v (B,H,Tk,D) -> y (B,H,Tq,D), att (B,H,Tq,Tk)."""
+def attend(q, k, v, dropout_mask=None):
+    """y = softmax(q k^T / sqrt(D) + causal mask) v, the probabilities multiplied
+    by `dropout_mask` (B,H,Tq,Tk) first when one is given.
+
+    q (B,H,Tq,D), k, v (B,H,Tk,D) -> y (B,H,Tq,D), att (B,H,Tq,Tk) before dropout.
+    """
     Tq, D = q.shape[-2:]
     Tk = k.shape[-2]
     att = (q * (1.0 / math.sqrt(D))) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk) scores; scaling q is cheaper
     att += causal_mask(Tq, Tk, att.dtype)
     softmax(att, out=att)
-    return att @ v, att
+    return (att if dropout_mask is None else att * dropout_mask) @ v, att
 
 
 class AttentionCache(NamedTuple):
@@ -70,11 +74,7 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, mask=None):
     q, k, v = split_heads(qkv, n_head)  # (B, H, T, D) each
     if mask is None and dropout > 0.0 and rng is not None:
         mask = dropout_mask(q.shape[:-1] + (k.shape[-2],), dropout, rng, qkv.dtype)
-    if mask is None:
-        y, att = attend(q, k, v)
-    else:
-        _, att = attend(q, k, v)
-        y = (att * mask) @ v
+    y, att = attend(q, k, v, mask)
     return merge_heads(y), AttentionCache(q, k, v, att, mask)
 
 
