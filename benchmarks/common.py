@@ -10,7 +10,7 @@ runs), so every measurement here follows one recipe:
 - MFU is relative to the float32 (or float64) matmul peak measured in the
   same run, in the same child processes, right after the timed steps.
 
-Configs S and M and the FLOP formula are those of /work/shared/ANCHORS.md:
+Configs S and M and the FLOP formula are those of ../shared/ANCHORS.md:
 
     FLOPs per training step = (6 N + 12 L d T) B T,   N = 12 L d^2 + V d
 
