@@ -4,8 +4,10 @@
     python benchmarks/bench_train.py --configs S,M,S64 --rounds 3
     python benchmarks/bench_train.py --profile            # cProfile, top 25 by tottime
 
-One step = forward + backward (`GPT.loss_and_grads`), then clip_grad_norm
-and AdamW.step, each timed on its own. Forward alone (training mode, caches
+One step = the training loop's: forward + backward of the batch's shards on
+`--workers` threads, summed into the flat grad buffer
+(`train.accumulate_grads`), then clip_grad_norm and AdamW.step, each timed
+on its own. Forward alone (training mode, caches
 kept) is timed in extra calls interleaved with the steps, so bwd = (fwd+bwd) - fwd.
 Each config runs in its own process (per-config peak RSS), `--rounds` times
 interleaved (S M S M ...); the table shows medians of the per-process
@@ -27,107 +29,117 @@ import numpy as np  # noqa: E402
 
 
 # ------------------------------------------------------- the measured work
-def build(cfg: dict, seed: int):
-    """Model, the fixed batch, and `optimizer_step(grads) -> (clip_s, adamw_s)`.
+class Step:
+    """The training loop's step on one fixed batch, in timed parts:
 
-    The optimizer is a plug-in: if tinygen.optim has no AdamW yet,
-    optimizer_step is None and only forward + backward is timed.
+        fwdbwd()    train.accumulate_grads: the shards' forward + backward on the
+                    worker threads, summed into the optimizer's flat grad buffer
+        optimize()  clip_grad_norm, then AdamW.step -> (clip_s, adamw_s)
+        forward()   the shards' forward + loss alone (caches kept, as before a backward)
     """
-    from tinygen.memory import reuse_freed_memory
-    from tinygen.model import GPT
 
-    reuse_freed_memory()  # as tinygen's training loop does
-    model = GPT(common.gpt_config(cfg), seed)
-    idx, targets = common.make_batch(cfg, seed)
-    try:
-        from tinygen.optim import AdamW, clip_grad_norm
-    except ImportError:
-        return model, idx, targets, None
-    opt = AdamW(model.params, lr=common.LR, betas=common.BETAS, eps=common.EPS,
-                weight_decay=common.WEIGHT_DECAY)
+    def __init__(self, cfg: dict, seed: int, workers: int):
+        from tinygen.memory import reuse_freed_memory
+        from tinygen.model import GPT
+        from tinygen.optim import AdamW
+        from tinygen.parallel import Workers, default_workers, ranges
+        from tinygen.train import TrainConfig
 
-    def optimizer_step(grads):
+        reuse_freed_memory()  # as tinygen's training loop does
+        self.model = GPT(common.gpt_config(cfg), seed)
+        self.idx, self.targets = common.make_batch(cfg, seed)
+        B = cfg["batch_size"]
+        self.workers = Workers(workers or min(default_workers(), B))
+        self.config = TrainConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                                  n_head=cfg["n_head"], n_embd=cfg["n_embd"], dtype=cfg["dtype"], batch_size=B,
+                                  seed=seed, workers=self.workers.n)
+        self.opt = AdamW(self.model.params, lr=common.LR, betas=common.BETAS, eps=common.EPS,
+                         weight_decay=common.WEIGHT_DECAY, workers=self.workers)
+        self.shards = [slice(lo, hi) for lo, hi in ranges(B, self.workers.n)]
+
+    def fwdbwd(self) -> float:
+        from tinygen.train import accumulate_grads
+
+        return accumulate_grads(self.model, self.opt, self.workers, (self.idx, self.targets), self.config, 0)
+
+    def optimize(self):
+        from tinygen.optim import clip_grad_norm
+
         t0 = time.perf_counter()
-        clip_grad_norm(grads, common.CLIP)
+        clip_grad_norm(self.opt.grad_buffer, common.CLIP, self.workers)
         t1 = time.perf_counter()
-        opt.step(grads, common.LR)
+        self.opt.step(self.opt.grads, common.LR)
         return t1 - t0, time.perf_counter() - t1
 
-    return model, idx, targets, optimizer_step
-
-
-def forward_only(model, idx, targets):
-    """Training-mode forward (caches kept, as before a backward) + loss; None if
-    tinygen's internals moved (the step timing does not depend on this)."""
-    try:
+    def forward(self) -> float:
         from tinygen.loss import cross_entropy_forward
         from tinygen.model import gpt_forward
-    except ImportError:
-        return None
-    t0 = time.perf_counter()
-    logits, cache = gpt_forward(model.params, idx, model.config)
-    cross_entropy_forward(logits, targets)
-    dt = time.perf_counter() - t0
-    del logits, cache
-    return dt
+
+        def shard(rows):
+            logits, cache = gpt_forward(self.model.params, self.idx[rows], self.model.config)
+            cross_entropy_forward(logits, self.targets[rows])
+
+        t0 = time.perf_counter()
+        self.workers.map(shard, self.shards)
+        return time.perf_counter() - t0
 
 
 def train_child(config: str, steps: int, warmup: int, seed: int = 0, fwd_split: bool = True,
-                peak_reps: int = 5) -> dict:
+                peak_reps: int = 5, workers: int = 0) -> dict:
     """Runs in a child process: warm-up, then `steps` timed steps. Times in ms."""
     cfg = common.config_by_name(config)
-    model, idx, targets, optimizer_step = build(cfg, seed)
+    step = Step(cfg, seed, workers)
     rec = {k: [] for k in ("step", "fwdbwd", "fwd", "clip", "adamw", "opt", "cpu")}
     losses = []
     gc.collect()
     for i in range(warmup + steps):
         timed = i >= warmup
         if fwd_split and timed:
-            dt = forward_only(model, idx, targets)
-            rec["fwd"].append(None if dt is None else dt * 1e3)
+            rec["fwd"].append(step.forward() * 1e3)
         c0, t0 = time.process_time(), time.perf_counter()
-        loss, grads = model.loss_and_grads(idx, targets)
+        loss = step.fwdbwd()
         t1 = time.perf_counter()
-        clip_s = adamw_s = None
-        if optimizer_step is not None:
-            clip_s, adamw_s = optimizer_step(grads)
+        clip_s, adamw_s = step.optimize()
         t2, c2 = time.perf_counter(), time.process_time()
         losses.append(float(loss))
-        del grads
         if timed:
             rec["fwdbwd"].append((t1 - t0) * 1e3)
             rec["step"].append((t2 - t0) * 1e3)
             rec["cpu"].append((c2 - c0) * 1e3)  # CPU time of all threads (BLAS spin-waits included)
-            if optimizer_step is not None:
-                rec["clip"].append(clip_s * 1e3)
-                rec["adamw"].append(adamw_s * 1e3)
-                rec["opt"].append((t2 - t1) * 1e3)
-    out = {"config": config, "side": "tinygen", "losses": losses, "samples_ms": rec,
+            rec["clip"].append(clip_s * 1e3)
+            rec["adamw"].append(adamw_s * 1e3)
+            rec["opt"].append((t2 - t1) * 1e3)
+    out = {"config": config, "side": "tinygen", "workers": step.workers.n, "losses": losses, "samples_ms": rec,
            "peak_rss_mib": common.peak_rss_mib()}  # recorded before the matmul probe below
+    step.workers.close()
     out.update({k + "_ms": common.median(v) for k, v in rec.items()})
     out["peak"] = common.matmul_peak(reps=peak_reps, dtype=cfg["dtype"])
     return out
 
 
-def profile_child(config: str, steps: int, warmup: int, seed: int = 0, top: int = 25) -> dict:
-    """cProfile over `steps` full steps (fwd + bwd + clip + AdamW) after warm-up."""
-    cfg = common.config_by_name(config)
-    model, idx, targets, optimizer_step = build(cfg, seed)
+def profile_child(config: str, steps: int, warmup: int, seed: int = 0, top: int = 25, workers: int = 0) -> dict:
+    """cProfile over `steps` full steps (fwd + bwd + clip + AdamW) after warm-up.
 
-    def step():
-        loss, grads = model.loss_and_grads(idx, targets)
-        if optimizer_step is not None:
-            optimizer_step(grads)
+    cProfile sees the calling thread only: profile with --workers 1 to see
+    where the shards' time goes, with the default to see the main thread's share.
+    """
+    cfg = common.config_by_name(config)
+    step = Step(cfg, seed, workers)
+
+    def one():
+        step.fwdbwd()
+        step.optimize()
 
     for _ in range(warmup):
-        step()
+        one()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     for _ in range(steps):
-        step()
+        one()
     prof.disable()
     wall = time.perf_counter() - t0
+    step.workers.close()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
     text = buf.getvalue()
@@ -180,6 +192,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2)")
     p.add_argument("--rounds", type=int, default=3, help="processes per config, interleaved (default 3)")
     p.add_argument("--threads", type=int, default=0, help="pin BLAS threads (default: as-is)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="threads running batch shards, as `tinygen pretrain --workers` (default 0: one per core)")
     p.add_argument("--no-fwd-split", action="store_true", help="skip the extra forward-only calls")
     p.add_argument("--profile", action="store_true", help="cProfile a few steps per config instead of timing")
     p.add_argument("--top", type=int, default=25, help="rows of the --profile listing")
@@ -194,7 +208,7 @@ def main(argv=None):
             warmup = common.DEFAULT_WARMUP[n] if a.warmup is None else a.warmup
             common.progress(f"profiling {n}: {warmup} warm-up + {steps} profiled steps ...")
             r = common.run_in_subprocess("bench_train:profile_child",
-                                         dict(config=n, steps=steps, warmup=warmup, top=a.top), env)
+                                         dict(config=n, steps=steps, warmup=warmup, top=a.top, workers=a.workers), env)
             print(f"## {n}: {r['wall_ms_per_step']:.0f} ms/step under cProfile, {steps} steps, top {a.top} by tottime")
             print(r["text"].rstrip() + "\n")
         return
@@ -207,9 +221,10 @@ def main(argv=None):
             common.progress(f"round {rnd + 1}/{a.rounds}: {n} ({warmup} warm-up + {steps} timed steps) ...")
             runs[n].append(common.run_in_subprocess(
                 "bench_train:train_child",
-                dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split), env))
+                dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split,
+                     workers=a.workers), env))
     summaries = [summarize(n, runs[n]) for n in names]
-    title = (f"tinygen training step (fwd+bwd = loss_and_grads; opt = clip + AdamW), "
+    title = (f"tinygen training step (fwd+bwd = train.accumulate_grads over the worker threads; opt = clip + AdamW), "
              f"medians over {a.rounds} interleaved processes per config; MFU vs numpy matmul peak of the same dtype; "
              f"1-min load average before the run: {machine['loadavg_1min']:.2f}")
     common.print_report(title, table(summaries),

@@ -189,7 +189,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and BLAS threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; tinygen's --workers (each with a 1-thread BLAS) (default 2)")
     p.add_argument("--sdpa", action="store_true", help="also torch with F.scaled_dot_product_attention")
     p.add_argument("--no-fwd-split", action="store_true", help="skip tinygen's extra forward-only calls")
     a = p.parse_args(argv)
@@ -210,7 +210,8 @@ def main(argv=None):
                 common.progress(f"round {rnd + 1}/{a.rounds}: {n} {side} ({warmup} warm-up + {steps} timed steps) ...")
                 if side == "tinygen":
                     job = ("bench_train:train_child",
-                           dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split))
+                           dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split,
+                                workers=a.threads))  # the same cores: `threads` shards, 1 BLAS thread each
                 else:
                     job = ("compare_torch:torch_child", dict(config=n, steps=steps, warmup=warmup,
                                                               threads=a.threads, sdpa=side == "torch-sdpa"))

@@ -9,7 +9,8 @@ from hypothesis import example, given, strategies as st
 
 from tinygen import GPT, KVCache
 from tinygen.attention import (
-    attend, causal_attention_backward, causal_attention_forward, causal_mask, merge_heads, split_heads,
+    attend, attention_probs, causal_attention_backward, causal_attention_forward, causal_mask, merge_heads,
+    split_heads,
 )
 from tinygen.errors import TinygenError
 from tinygen.layers import dropout_mask
@@ -47,9 +48,10 @@ def test_attention_matches_naive_definition(shape, seed):
     qkv = np.random.default_rng(seed).standard_normal((B, T, 3 * H * D))
     y, cache = causal_attention_forward(qkv, H)
     np.testing.assert_allclose(y, naive_attention(qkv, H), rtol=1e-12, atol=1e-12)
-    assert y.shape == (B, T, H * D) and cache.att.shape == (B, H, T, T)
-    np.testing.assert_allclose(cache.att.sum(-1), 1.0, rtol=1e-12)
-    assert not cache.att[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]].any()
+    att = attention_probs(cache)
+    assert y.shape == (B, T, H * D) and att.shape == (B, H, T, T)
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
+    assert not att[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]].any()
 
 
 @given(shapes, seeds, st.booleans())
@@ -60,12 +62,30 @@ def test_attention_backward_matches_finite_differences(shape, seed, with_dropout
     B, T, H, D = shape
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * H * D))
-    kwargs = {"n_head": H}
+    kwargs = {"n_head": H, "block": int(rng.integers(1, T + 1))}  # several query blocks, or one
     if with_dropout:  # a fixed attention-dropout mask
         kwargs["mask"] = dropout_mask((B, H, T, T), 0.3, rng, np.float64)
     errors = check_layer(causal_attention_forward, causal_attention_backward, [qkv], kwargs,
                          names=["qkv"], max_coords=32, seed=seed)
     assert errors["qkv"] < THRESHOLD, errors
+
+
+@given(shapes, seeds, st.booleans(), st.data())
+def test_query_blocks_compute_exactly_the_full_attention(shape, seed, with_dropout, data):
+    """Any block size gives the output, probabilities and gradient of one T x T block
+    (to rounding: only the lengths of the zero-padded sums differ)."""
+    B, T, H, D = shape
+    block = data.draw(st.integers(1, T))
+    rng = np.random.default_rng(seed)
+    qkv, dy = rng.standard_normal((B, T, 3 * H * D)), rng.standard_normal((B, T, H * D))
+    mask = dropout_mask((B, H, T, T), 0.3, rng, np.float64) if with_dropout else None
+    y_full, full = causal_attention_forward(qkv, H, mask=mask, block=T)
+    y, blocks = causal_attention_forward(qkv, H, mask=mask, block=block)
+    assert len(blocks.att) == -(-T // block) and len(full.att) == 1
+    np.testing.assert_allclose(y, y_full, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(attention_probs(blocks), full.att[0], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(causal_attention_backward(dy, blocks)[0], causal_attention_backward(dy, full)[0],
+                               rtol=1e-12, atol=1e-13)
 
 
 @given(shapes, seeds, st.data())
@@ -90,7 +110,7 @@ def test_attention_is_causal_in_outputs_and_gradients(shape, seed, data):
 def test_attention_single_position_returns_v():
     qkv = np.random.default_rng(0).standard_normal((2, 1, 12))
     y, cache = causal_attention_forward(qkv, 2)
-    np.testing.assert_array_equal(cache.att, 1.0)
+    np.testing.assert_array_equal(attention_probs(cache), 1.0)
     np.testing.assert_allclose(y, qkv[:, :, 8:], rtol=1e-15)
 
 
@@ -122,7 +142,7 @@ def test_attention_float32_stays_float32(shape, seed):
         dy = rng.standard_normal(y64.shape)
         (g32,) = causal_attention_backward(dy.astype(np.float32), c32)
         (g64,) = causal_attention_backward(dy, c64)
-        for a in [y32, g32, *(c for c in c32 if c is not None)]:
+        for a in [y32, g32, c32.q, c32.k, c32.v, *c32.att, *([] if m is None else [c32.mask])]:
             assert a.dtype == np.float32
         np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-4)

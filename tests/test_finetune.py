@@ -156,7 +156,7 @@ def test_command_line_finetune_and_resume(setup, capsys):
     args = parser.parse_args(["finetune", "--resume", out, "--max-steps", "3"])
     assert args.run(args) == 0
     args = parser.parse_args(["finetune", "--resume", out, "--method", "full"])
-    with pytest.raises(TinygenError, match="only --max-steps"):
+    with pytest.raises(TinygenError, match="only --max-steps and --workers"):
         args.run(args)
 
 

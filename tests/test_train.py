@@ -119,9 +119,10 @@ def test_overfits_one_batch(tmp_path):
     assert result.train_loss < 0.1 and model.loss(x, y) < 0.1
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_in_process_is_bit_exact(tmp_path, dropout):
+@pytest.mark.parametrize("dropout, workers", [(0.0, 1), (0.1, 1), (0.1, 2), (0.0, 3)])
+def test_resume_in_process_is_bit_exact(tmp_path, dropout, workers):
     config, batches, val = tiny_setup(dropout=dropout)
+    config = config.replace(workers=workers)
     full = GPT(config.model_config(29), seed=0)
     train(full, batches, config, tmp_path / "full", val_batches=val, progress=False)
     half = GPT(config.model_config(29), seed=0)
@@ -165,9 +166,9 @@ class NanAt:
     def __init__(self, model, bad_call):
         self.model, self.params, self.calls, self.bad_call = model, model.params, 0, bad_call
 
-    def loss_and_grads(self, x, y, rng=None):
+    def loss_and_grads(self, x, y, rng=None, scale=1.0):
         self.calls += 1
-        loss, grads = self.model.loss_and_grads(x, y, rng)
+        loss, grads = self.model.loss_and_grads(x, y, rng, scale)
         return (float("nan") if self.calls == self.bad_call else loss), grads
 
     def loss(self, x, y):
@@ -179,6 +180,7 @@ class NanAt:
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     config, batches, val = tiny_setup()
+    config = config.replace(workers=1)  # one call per step
     model = NanAt(GPT(config.model_config(29), seed=0), bad_call=5)
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan.*last checkpoint \(step 4\) is intact"):
         train(model, batches, config, tmp_path, val_batches=val, progress=False)
@@ -288,9 +290,12 @@ def test_cli_errors_are_one_line_and_exit_2(cli, capsys, tmp_path, argv, message
 def test_resume_refuses_changed_settings(cli, capsys, corpus, tmp_path):
     assert cli("pretrain", *SMALL, "--data", corpus, "--out", tmp_path, "--max-steps", 1) == 0
     assert cli("pretrain", "--resume", tmp_path, "--lr", "0.1", "--max-steps", 3) == 2
-    assert "only --max-steps can change (got --lr)" in capsys.readouterr().err
+    assert "only --max-steps and --workers can change (got --lr)" in capsys.readouterr().err
     assert cli("pretrain", "--resume", tmp_path, "--max-steps", 3) == 0
     assert checkpoint_step(tmp_path) == 3
+    assert cli("pretrain", "--resume", tmp_path, "--max-steps", 4, "--workers", 1) == 0  # another machine
+    assert checkpoint_step(tmp_path) == 4
+    assert json.loads((tmp_path / "train_config.json").read_text())["train"]["workers"] == 1
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -9,7 +9,9 @@ from .errors import TinygenError
 from .memory import reuse_freed_memory
 from .model import GPT, KVCache
 from .numerical import check_layer, check_model, gradcheck
+from .parallel import Workers
 from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model", "reuse_freed_memory"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model", "reuse_freed_memory",
+           "Workers"]
 __version__ = "0.1.0"

@@ -9,8 +9,11 @@ module is the part between them:
     y       = att @ v, heads merged back          (B, T, C)
 
 where mask is 0 on and below the diagonal and -inf above it, so position t
-only sees positions <= t. Shapes: B batch, T time, H heads, D head width,
-C = H * D. docs/attention.md derives the backward.
+only sees positions <= t. `attend` / `attend_backward` are that math for
+any queries; `causal_attention_forward` / `_backward` run it on blocks of
+query rows, so the future keys of a whole block are never computed.
+Shapes: B batch, T time, H heads, D head width, C = H * D.
+docs/attention.md derives the backward.
 """
 import math
 from typing import NamedTuple, Optional
@@ -18,6 +21,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .layers import dropout_mask, softmax
+
+BLOCK = 64  # query rows per block. Forward + backward of B=4, H=6, T=256, D=64 on one core:
+#            blocks of 32 / 64 / 128 / 256 rows take 18 / 17 / 19 / 23 ms
 
 
 def split_heads(qkv, n_head):
@@ -51,6 +57,7 @@ def attend(q, k, v, dropout_mask=None):
     by `dropout_mask` (B,H,Tq,Tk) first when one is given.
 
     q (B,H,Tq,D), k, v (B,H,Tk,D) -> y (B,H,Tq,D), att (B,H,Tq,Tk) before dropout.
+    The queries are the last Tq of the Tk positions (see causal_mask).
     """
     Tq, D = q.shape[-2:]
     Tk = k.shape[-2]
@@ -60,26 +67,10 @@ def attend(q, k, v, dropout_mask=None):
     return (att if dropout_mask is None else att * dropout_mask) @ v, att
 
 
-class AttentionCache(NamedTuple):
-    q: np.ndarray  # (B, H, T, D)
-    k: np.ndarray  # (B, H, T, D)
-    v: np.ndarray  # (B, H, T, D)
-    att: np.ndarray  # (B, H, T, T) softmax probabilities, before dropout
-    mask: Optional[np.ndarray]  # (B, H, T, T) attention-dropout mask, or None
+def attend_backward(dy, q, k, v, att, dropout_mask=None):
+    """attend's backward. dy (B,H,Tq,D) -> dq (B,H,Tq,D), dk, dv (B,H,Tk,D).
 
-
-def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, mask=None):
-    """qkv (B, T, 3C) -> y (B, T, C). `dropout` drops attention probabilities
-    (GPT-2's attn_pdrop), with a mask drawn from `rng` or given as `mask`."""
-    q, k, v = split_heads(qkv, n_head)  # (B, H, T, D) each
-    if mask is None and dropout > 0.0 and rng is not None:
-        mask = dropout_mask(q.shape[:-1] + (k.shape[-2],), dropout, rng, qkv.dtype)
-    y, att = attend(q, k, v, mask)
-    return merge_heads(y), AttentionCache(q, k, v, att, mask)
-
-
-def causal_attention_backward(dy, cache):
-    """dy (B, T, C) -> dqkv (B, T, 3C). With s = scores, a = att (after dropout: a * mask):
+    With s = scores, a = att (after dropout: a = att * mask):
 
         dv = a^T @ dy                 da = dy @ v^T  (times mask)
         ds = att * (da - sum(da * att, over keys)) / sqrt(D)    (softmax backward)
@@ -88,21 +79,84 @@ def causal_attention_backward(dy, cache):
 
     Masked entries have att = 0, so their ds is 0: no gradient flows to the future.
     """
-    q, k, v, att, mask = cache
-    B, H, T, D = q.shape
-    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    a = att if mask is None else att * mask
-    dv = a.swapaxes(-1, -2) @ dy  # (B, H, T, D)
-    da = dy @ v.swapaxes(-1, -2)  # (B, H, T, T)
-    if mask is not None:
-        da *= mask
+    a = att if dropout_mask is None else att * dropout_mask
+    dv = a.swapaxes(-1, -2) @ dy  # (B, H, Tk, D)
+    da = dy @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+    if dropout_mask is not None:
+        da *= dropout_mask
     ds = da * att
     ds -= att * ds.sum(axis=-1, keepdims=True)  # att * (da - sum(da * att))
-    dqkv = np.empty((B, T, 3, H, D), dtype=q.dtype)
-    dq, dk, dv_out = dqkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, D) views into dqkv
-    dv_out[...] = dv
-    np.matmul(ds, k, out=dq)
-    dq *= 1.0 / math.sqrt(D)  # the 1/sqrt(D) of the scores, applied on the smaller array
-    np.matmul(ds.swapaxes(-1, -2), q, out=dk)
-    dk *= 1.0 / math.sqrt(D)
+    ds *= 1.0 / math.sqrt(q.shape[-1])  # the 1/sqrt(D) of the scores
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
+def query_blocks(T, block=BLOCK):
+    """(start, stop) of each block of `block` query rows.
+
+    >>> query_blocks(5, 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    return [(lo, min(lo + block, T)) for lo in range(0, T, block)]
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # (B, H, T, D)
+    k: np.ndarray  # (B, H, T, D)
+    v: np.ndarray  # (B, H, T, D)
+    att: tuple  # per query block [lo, hi): (B, H, hi - lo, hi) softmax probabilities, before dropout
+    mask: Optional[np.ndarray]  # (B, H, T, T) attention-dropout mask, or None
+    block: int  # query rows per block
+
+
+def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, mask=None, block=BLOCK):
+    """qkv (B, T, 3C) -> y (B, T, C). `dropout` drops attention probabilities
+    (GPT-2's attn_pdrop), with a mask drawn from `rng` or given as `mask`.
+
+    The queries go in blocks of `block` rows. Block [lo, hi) attends to keys
+    [0, hi) only: every key after hi is in the future of all its rows, so its
+    score would be masked to -inf and its probability would be exactly 0.
+    Skipping those keys gives the same y with less work: n blocks compute
+    (n + 1) / (2 n) of the full T x T scores, 62.5 % for T = 256 in blocks of 64.
+    """
+    q, k, v = split_heads(qkv, n_head)  # (B, H, T, D) each
+    T = q.shape[2]
+    if mask is None and dropout > 0.0 and rng is not None:
+        mask = dropout_mask(q.shape[:-1] + (T,), dropout, rng, qkv.dtype)
+    y = np.empty_like(q)  # (B, H, T, D)
+    att = []
+    for lo, hi in query_blocks(T, block):
+        m = None if mask is None else mask[:, :, lo:hi, :hi]
+        y[:, :, lo:hi], a = attend(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], m)  # a (B, H, hi - lo, hi)
+        att.append(a)
+    return merge_heads(y), AttentionCache(q, k, v, tuple(att), mask, block)
+
+
+def causal_attention_backward(dy, cache):
+    """dy (B, T, C) -> dqkv (B, T, 3C): attend_backward for each query block.
+
+    A block's queries get their gradient from that block alone; keys and
+    values [0, hi) are seen by every block from theirs on, so their
+    gradients add up over the blocks (the `+=` below).
+    """
+    q, k, v, att, mask, block = cache
+    B, H, T, D = q.shape
+    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    dqkv = np.zeros((B, T, 3, H, D), dtype=q.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, D) views into dqkv
+    for (lo, hi), a in zip(query_blocks(T, block), att):
+        m = None if mask is None else mask[:, :, lo:hi, :hi]
+        dq[:, :, lo:hi], dk_block, dv_block = attend_backward(dy[:, :, lo:hi], q[:, :, lo:hi], k[:, :, :hi],
+                                                              v[:, :, :hi], a, m)
+        dk[:, :, :hi] += dk_block
+        dv[:, :, :hi] += dv_block
     return (dqkv.reshape(B, T, 3 * H * D),)
+
+
+def attention_probs(cache):
+    """The full (B, H, T, T) attention probabilities of a forward, zeros in the future:
+    the cache's blocks side by side (for looking at attention, and for tests)."""
+    B, H, T, _ = cache.q.shape
+    probs = np.zeros((B, H, T, T), dtype=cache.q.dtype)
+    for (lo, hi), a in zip(query_blocks(T, cache.block), cache.att):
+        probs[:, :, lo:hi, :hi] = a
+    return probs

@@ -41,7 +41,7 @@ STREAM_TRAIN, STREAM_DROPOUT, STREAM_VAL = 0, 1, 2  # the first words of default
 class DataConfig:
     """How the corpus becomes training text; the pretraining command's data knobs."""
 
-    corpus_bytes: Optional[int] = 3_000_000
+    corpus_bytes: Optional[int] = 6_000_000
     val_fraction: float = 0.05
     tokenizer_bytes: Optional[int] = 2_000_000
     pattern: str = "gpt4"

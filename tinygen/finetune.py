@@ -71,11 +71,12 @@ class FinetuneConfig:
     checkpoint_interval: int = 100
     eval_examples: int = 64
     seed: int = 0
+    workers: int = 0  # threads running shards of each batch; 0: one per core (see tinygen.parallel)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise TinygenError(f"FinetuneConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("freeze_layers", "max_steps", "warmup_steps", "eval_examples", "seed"):
+        for name in ("freeze_layers", "max_steps", "warmup_steps", "eval_examples", "seed", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise TinygenError(f"FinetuneConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("adapter_size", "n_virtual", "batch_size", "eval_interval", "eval_batches",
@@ -109,7 +110,7 @@ class FinetuneConfig:
                            warmup_steps=min(self.warmup_steps, self.max_steps), weight_decay=self.weight_decay,
                            grad_clip=self.grad_clip, eval_interval=self.eval_interval,
                            eval_batches=self.eval_batches, checkpoint_interval=self.checkpoint_interval,
-                           seed=self.seed)
+                           seed=self.seed, workers=self.workers)
 
     def to_dict(self) -> dict:
         return asdict(self)

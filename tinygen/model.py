@@ -389,10 +389,12 @@ class GPT:
         loss, _ = cross_entropy_forward(self.forward(idx), targets)
         return loss
 
-    def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None):
+    def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None, scale: float = 1.0):
         """Forward, cross-entropy and backward. targets (B,T) ids, -1 to ignore.
 
         rng drives dropout (pass one while training when config.dropout > 0).
+        scale: the grads are those of scale * loss (the training loop weights
+        each shard of a batch by its share of the counted positions).
         Returns (loss: float, grads: dict with the keys and shapes of params).
         """
         idx = check_ids(idx, self.config)
@@ -401,5 +403,5 @@ class GPT:
             raise TinygenError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
         logits, cache = gpt_forward(self.params, idx, self.config, rng=rng, lora=self.lora)
         loss, ce = cross_entropy_forward(logits, targets)
-        (dlogits,) = cross_entropy_backward(1.0, ce)
+        (dlogits,) = cross_entropy_backward(float(scale), ce)
         return loss, gpt_backward(dlogits, cache)

@@ -34,8 +34,10 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .errors import TinygenError
+from .parallel import ranges
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
+CHUNK = 1 << 18  # elements per piece of an AdamW update: its five (CHUNK,) float32 slices fit in L2
 
 
 # ---------------------------------------------------------------------------
@@ -154,6 +156,12 @@ class AdamW:
     sqrt(vhat). The order of operations is torch's `_single_tensor_adam`
     (AdamW = Adam with decoupled decay), so results agree to float rounding.
 
+    Every element's update depends on that element alone, so the buffers are
+    updated in cache-sized pieces of CHUNK elements (a whole-buffer op per
+    line would stream all of p, g, m, v through memory ~15 times) and, given
+    `workers` (tinygen.parallel.Workers), in one contiguous range per
+    thread. The result is the same bits either way.
+
     `trainable`: None (all), a predicate on the name, or a collection of names.
     `decay(name, p)`: which trainable parameters get weight decay; by default
     those with 2 or more dimensions (matrices and embeddings, not biases or
@@ -163,7 +171,7 @@ class AdamW:
     def __init__(self, params: dict, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1,
                  decay: Callable[[str, np.ndarray], bool] = lambda name, p: p.ndim >= 2,
-                 trainable=None):
+                 trainable=None, workers=None):
         beta1, beta2 = betas
         for label, value, ok in [
             ("lr", lr, lr >= 0), ("beta1", beta1, 0 <= beta1 < 1),
@@ -189,6 +197,7 @@ class AdamW:
         self.grad_buffer = self.flat.zeros()  # (N,) gradients, accumulated or gathered by step
         self.grads = self.flat.views_of(self.grad_buffer)
         self._tmp = self.flat.zeros()  # (N,) scratch, so no step allocates
+        self.workers = workers  # a Workers to spread the update over threads, or None
 
     @property
     def names(self) -> list[str]:
@@ -207,33 +216,39 @@ class AdamW:
         """
         lr = self.lr if lr is None else float(lr)
         self._check_params_are_views()
-        g = self.grad_buffer  # (N,)
         if grads is not self.grads:
-            self.flat.flatten(grads, out=g, what="grads")
-        p, m, v, tmp = self.flat.buffer, self.m, self.v, self._tmp  # all (N,)
-        beta1, beta2 = self.betas
+            self.flat.flatten(grads, out=self.grad_buffer, what="grads")
         self.t += 1
+        n_threads = 1 if self.workers is None else self.workers.n
+        _map(self.workers, lambda span: self._update(*span, lr), ranges(self.flat.size, n_threads))
 
-        if self.weight_decay and self.n_decay:
-            p[: self.n_decay] *= 1 - lr * self.weight_decay
-
-        np.subtract(g, m, out=tmp)  # torch: exp_avg.lerp_(grad, 1 - beta1)
-        tmp *= 1 - beta1
-        m += tmp
-        np.multiply(g, 1 - beta2, out=tmp)  # torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-        tmp *= g
-        v *= beta2
-        v += tmp
-
+    def _update(self, start: int, stop: int, lr: float) -> None:
+        """The update of elements [start, stop) of the flat buffers, CHUNK at a time."""
+        beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.t
         bias_correction2 = 1 - beta2**self.t
         step_size = lr / bias_correction1
-        denom = np.sqrt(v, out=tmp)
-        denom /= math.sqrt(bias_correction2)
-        denom += self.eps
-        update = np.divide(m, denom, out=tmp)  # torch: param.addcdiv_(exp_avg, denom, -step_size)
-        update *= step_size
-        p -= update
+        decay = 1 - lr * self.weight_decay
+        for lo in range(start, stop, CHUNK):
+            hi = min(lo + CHUNK, stop)
+            p, g, m, v, tmp = (a[lo:hi] for a in (self.flat.buffer, self.grad_buffer, self.m, self.v, self._tmp))
+            if self.weight_decay and lo < self.n_decay:  # the decayed parameters come first
+                p[: self.n_decay - lo] *= decay
+
+            np.subtract(g, m, out=tmp)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            tmp *= 1 - beta1
+            m += tmp
+            np.multiply(g, 1 - beta2, out=tmp)  # torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+            tmp *= g
+            v *= beta2
+            v += tmp
+
+            denom = np.sqrt(v, out=tmp)
+            denom /= math.sqrt(bias_correction2)
+            denom += self.eps
+            update = np.divide(m, denom, out=tmp)  # torch: param.addcdiv_(exp_avg, denom, -step_size)
+            update *= step_size
+            p -= update
 
     def _check_params_are_views(self) -> None:
         for n, view in self.flat.views.items():
@@ -286,32 +301,46 @@ class AdamW:
 # ---------------------------------------------------------------------------
 
 
-def _arrays(grads) -> list[np.ndarray]:
-    return [grads] if isinstance(grads, np.ndarray) else list(grads.values())
+def _pieces(grads, workers) -> list[list[np.ndarray]]:
+    """The gradients as 1-D views, one list per thread: a flat buffer is cut into
+    one contiguous range per worker, a dict stays one list of its arrays."""
+    if isinstance(grads, np.ndarray):
+        flat = grads.reshape(-1)  # (N,), a view when grads is contiguous
+        n = 1 if workers is None else workers.n
+        return [[flat[lo:hi]] for lo, hi in ranges(flat.size, n)]
+    return [[g.reshape(-1) for g in grads.values()]]
 
 
-def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray) -> float:
+def _map(workers, fn, items) -> list:
+    """[fn(item) for item in items], on the worker threads when there are any."""
+    return [fn(item) for item in items] if workers is None else workers.map(fn, items)
+
+
+def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray, workers=None) -> float:
     """sqrt(sum over every gradient element of g**2), accumulated in float64.
+
+    `workers` (tinygen.parallel.Workers) splits a flat buffer between threads.
 
     >>> global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)})
     5.0
     """
-    total = 0.0
-    for g in _arrays(grads):
-        flat = g.reshape(-1)  # (n,), a view when g is contiguous
+
+    def sum_of_squares(flats):
         # einsum casts in small chunks: float64 products and sums, no full-size copy
-        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
-    return math.sqrt(total)
+        return sum(float(np.einsum("i,i->", f, f, dtype=np.float64)) for f in flats)
+
+    return math.sqrt(sum(_map(workers, sum_of_squares, _pieces(grads, workers))))
 
 
-def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float) -> float:
+def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float, workers=None) -> float:
     """Scale all gradients in place so their global norm is at most `max_norm`.
 
     As torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6) and,
     when coef < 1, every gradient is multiplied by coef (in its own dtype).
     Gradients already within the limit are left untouched. Returns the norm
     *before* clipping. A non-finite norm (inf or NaN) leaves the gradients as
-    they are: the caller decides whether to skip the step.
+    they are: the caller decides whether to skip the step. `workers` as in
+    global_norm.
 
     >>> g = {"w": np.array([3.0, 4.0], np.float32)}
     >>> clip_grad_norm(g, 1.0), g["w"].round(5)       # scaled by 1 / (5 + 1e-6)
@@ -319,11 +348,15 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float
     """
     if not max_norm > 0:
         raise TinygenError(f"clip_grad_norm max_norm must be > 0, got {max_norm!r}")
-    total_norm = global_norm(grads)
+    total_norm = global_norm(grads, workers)
     coef = max_norm / (total_norm + CLIP_EPS)
     if math.isfinite(total_norm) and coef < 1:
-        for g in _arrays(grads):
-            g *= coef
+
+        def scale(flats):
+            for f in flats:
+                f *= coef
+
+        _map(workers, scale, _pieces(grads, workers))
     return total_norm
 
 

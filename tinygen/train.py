@@ -4,8 +4,9 @@ One step, for step = start .. max_steps - 1:
 
     x, y      = batches(step)                          (B*A, T) ids; y = -1 is ignored
     for each of the A micro-batches:                   A = grad_accum
-        loss, g = model.loss_and_grads(x, y, rng)      summed into AdamW's flat grad buffer
-    grads    /= A
+        split its B rows into W shards                 W = workers, run at once (parallel.py)
+        loss, g = model.loss_and_grads(x, y, rng, scale=w)    w: the shard's share of the step's loss
+        summed into AdamW's flat grad buffer           = the gradient of the mean over the A micro-batches
     norm      = clip_grad_norm(grads, grad_clip)       NaN or inf here -> stop, no update
     AdamW.step(grads, lr_at(step))
     every eval_interval steps:       val_loss over fixed held-out batches
@@ -14,12 +15,14 @@ One step, for step = start .. max_steps - 1:
 
 The loop knows nothing about what it trains: pretraining and fine-tuning
 differ only in the model object (anything with `.params`, a flat dict of
-arrays, `.loss_and_grads(x, y, rng)` and `.loss(x, y)`), the batches, the
+arrays, `.loss_and_grads(x, y, rng, scale)` and `.loss(x, y)`), the batches, the
 `trainable` name predicate and how weights are saved. Every random draw
-comes from a generator derived from (seed, step), so a resumed run
-reproduces an uninterrupted one bit for bit.
+comes from a generator derived from (seed, step, shard), so a resumed run
+reproduces an uninterrupted one bit for bit, given the same number of
+workers (another W changes the dropout masks and the rounding of the
+gradient sums, not the math).
 
-Shapes: B batch, A gradient-accumulation steps, T block size.
+Shapes: B batch, A gradient-accumulation steps, T block size, W workers.
 """
 import contextlib
 import math
@@ -38,7 +41,9 @@ from .data import STREAM_DROPOUT
 from .errors import TinygenError
 from .memory import reuse_freed_memory
 from .metrics import MetricsLog, read_metrics, truncate_after
+from .loss import IGNORE
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+from .parallel import Workers, default_workers, ranges
 from .plot import write_loss_svg
 from .progress import Progress, format_rate
 
@@ -58,7 +63,7 @@ class TrainConfig:
     # optimization
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 800
+    max_steps: int = 1600
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 30
@@ -72,11 +77,12 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_interval: int = 100
     seed: int = 1337
+    workers: int = 0  # threads, each running a shard of the batch; 0: one per core (parallel.default_workers)
 
     def __post_init__(self):
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum",
                     "eval_interval", "eval_batches", "checkpoint_interval"]
-        non_negative = ["max_steps", "warmup_steps", "seed"]
+        non_negative = ["max_steps", "warmup_steps", "seed", "workers"]
         for name in positive + non_negative + ["lr_decay_steps"]:
             value = getattr(self, name)
             if name == "lr_decay_steps" and value is None:
@@ -147,6 +153,7 @@ HELP = {
     "eval_batches": "held-out batches per validation measurement",
     "checkpoint_interval": "steps between checkpoints (also saved at the end and on Ctrl-C)",
     "seed": "seed of the weights, the batches and dropout",
+    "workers": "threads that each run a shard of every batch (0 = one per core; 1 = one stream, BLAS threads as set)",
 }
 
 # Presets are overrides of TrainConfig and DataConfig fields.
@@ -155,7 +162,7 @@ PRESETS = {
     "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=8,
                  max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2,
                  checkpoint_interval=20, corpus_bytes=300_000, tokenizer_bytes=300_000),
-    # the default: about 5 minutes on 2 cores (the TrainConfig/DataConfig defaults)
+    # the default: about 4 minutes on 2 cores (the TrainConfig/DataConfig defaults)
     "small": dict(),
 }
 
@@ -196,8 +203,15 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     os.makedirs(run_dir, exist_ok=True)
     reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
     save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
-    opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
-                weight_decay=config.weight_decay, trainable=trainable)
+    with Workers(config.workers or min(default_workers(), config.batch_size)) as workers:
+        opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
+                    weight_decay=config.weight_decay, trainable=trainable, workers=workers)
+        return _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights,
+                      progress, log)
+
+
+def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):
+    """train()'s loop, given the optimizer and the worker threads."""
     start, elapsed0 = _start(model, opt, run_dir, resume)
     metrics = MetricsLog(os.path.join(run_dir, METRICS))
     if progress is None:
@@ -219,7 +233,9 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
             t0 = time.perf_counter()
             lr = config.lr_at(step)
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
-                train_loss, norm = _accumulate(model, opt, batches(step), config, step)
+                train_loss = accumulate_grads(model, opt, workers, batches(step), config, step)
+                norm = clip_grad_norm(opt.grad_buffer, config.grad_clip, workers) if config.grad_clip > 0 else \
+                    global_norm(opt.grad_buffer, workers)
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 progress.close()
                 raise TrainingDiverged(_diverged(step + 1, train_loss, norm, run_dir))
@@ -279,30 +295,63 @@ def _diverged(step, loss, norm, run_dir) -> str:
             f"({last}) is intact; try a lower --lr or --grad-clip")
 
 
-def _accumulate(model, opt, batch, config, step):
-    """Sum the micro-batches' gradients into opt.grads, averaged; returns (mean loss, grad norm)."""
+def accumulate_grads(model, opt, workers, batch, config, step) -> float:
+    """One step's gradient, summed over its shards into opt.grads; returns the step's loss.
+
+    The step's loss is the mean over the A micro-batches of each one's mean
+    over its counted positions (targets != -1). A shard holding n_s of its
+    micro-batch's n counted positions therefore has weight n_s / n / A: the
+    loss is the sum of weight * shard loss, the gradient the sum of the
+    shards' gradients of weight * shard loss. W shards of one micro-batch
+    run at once, on W threads.
+    """
     x, y = batch
     if x.shape != y.shape or x.shape[0] != config.batch_size * config.grad_accum:
         raise TinygenError(f"batches({step}) gave x {x.shape}, y {y.shape}; expected both "
                            f"({config.batch_size * config.grad_accum}, T) = batch_size * grad_accum rows")
-    rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step])  # dropout masks of this step
     B, A = config.batch_size, config.grad_accum
+    shards = ranges(B, min(workers.n, B))  # (start, stop) rows of a micro-batch
+
+    def run(shard):  # -> (weighted loss, grads of the weighted loss)
+        index, rows, weight = shard
+        rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
+        loss, grads = model.loss_and_grads(x[rows], y[rows], rng, scale=weight)
+        return weight * float(loss), grads
+
     total = 0.0
     for a in range(A):
-        loss, grads = model.loss_and_grads(x[a * B:(a + 1) * B], y[a * B:(a + 1) * B], rng)
-        total += float(loss)
-        for name, g in opt.grads.items():  # views into opt.grad_buffer
-            if a == 0:
-                np.copyto(g, grads[name])
+        counted = y[a * B:(a + 1) * B] != IGNORE  # (B, T)
+        n = int(counted.sum())
+        jobs = []  # (shard index in the step, rows of x and y, weight)
+        for i, (lo, hi) in enumerate(shards):
+            weight = int(counted[lo:hi].sum()) / n / A if n else 0.0
+            jobs.append((a * len(shards) + i, slice(a * B + lo, a * B + hi), weight))
+        results = workers.map(run, jobs)
+        total += sum(loss for loss, _ in results)
+        _sum_into(opt, [grads for _, grads in results], workers, accumulate=a > 0)
+    return total
+
+
+def _sum_into(opt, grads, workers, accumulate):
+    """opt.grads (+)= the sum of the dicts in `grads`, each thread summing one
+    contiguous range of the flat gradient buffer (the names' slices of it)."""
+
+    def add(span):
+        lo, hi = span
+        for name, (start, stop) in opt.flat.slices.items():
+            a, b = max(lo, start), min(hi, stop)  # the part of this name inside [lo, hi)
+            if a >= b:
+                continue
+            target = opt.grad_buffer[a:b]
+            parts = [g[name].reshape(-1)[a - start:b - start] for g in grads]
+            if accumulate:
+                target += parts[0]
             else:
-                g += grads[name]
-    if A > 1:
-        opt.grad_buffer *= 1.0 / A
-    if config.grad_clip > 0:
-        norm = clip_grad_norm(opt.grad_buffer, config.grad_clip)
-    else:
-        norm = global_norm(opt.grad_buffer)
-    return total / A, norm
+                np.copyto(target, parts[0])
+            for part in parts[1:]:
+                target += part
+
+    workers.map(add, ranges(opt.flat.size, workers.n))
 
 
 def _restore(model, opt, path):

@@ -40,6 +40,7 @@ HELP = {
     "checkpoint_interval": "steps between checkpoints",
     "eval_examples": "test examples per task decoded for the accuracy",
     "seed": "seed of the new weights and the batch order",
+    "workers": "threads that each run a shard of every batch (0 = one per core; 1 = one stream)",
 }
 
 
@@ -69,9 +70,10 @@ def resolve(args):
         if not os.path.isfile(path):
             raise TinygenError(f"--resume {args.resume}: no {FINETUNE_FILE}, so not a fine-tuning run directory")
         info = read_json(path, what="fine-tuning description")
-        extra = sorted(set(over) - {"max_steps"})
+        extra = sorted(set(over) - {"max_steps", "workers"})
         if extra or args.base or args.data or args.out:
-            raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; only --max-steps can change")
+            raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; "
+                               f"only --max-steps and --workers can change")
         fc = FinetuneConfig(**{**info["config"], **over})
         return info["base"], info["data"], args.resume, fc, True
     missing = [f for f, v in (("--base", args.base), ("--data", args.data), ("--out", args.out)) if not v]

@@ -42,7 +42,7 @@ def add_parser(sub):
         "pretrain",
         help="train a GPT-2 from scratch on the built-in corpus or your text",
         description="Train a byte-level BPE tokenizer and a GPT-2 from scratch. With no arguments: the "
-        "`small` preset (about 5 minutes on 2 cores) on the built-in corpus (Python's language reference "
+        "`small` preset (about 4 minutes on 2 cores) on the built-in corpus (Python's language reference "
         "and standard-library sources). Writes a run directory that transformers can load and that "
         "--resume continues bit for bit. Ctrl-C saves a checkpoint and exits.",
     )
@@ -82,21 +82,27 @@ def _preset_summary(name):
 
 
 # ------------------------------------------------------------------ settings
+# What --resume may change: how far to train, and on how many threads (the same
+# --workers reproduce the uninterrupted run bit for bit; another count changes
+# only rounding and dropout masks, see tinygen.train).
+RESUMABLE = ("max_steps", "workers")
+
+
 def resolve(args) -> dict:
     """Flags -> the run's settings (what train_config.json holds); checks the run directory."""
     train_over = dataclass_overrides(args, TrainConfig)
     data_over = dataclass_overrides(args, DataConfig)
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in {**train_over, **data_over} if k != "max_steps"]
+        given = [f"--{k.replace('_', '-')}" for k in {**train_over, **data_over} if k not in RESUMABLE]
         given += [f for f, v in (("--preset", args.preset), ("--data", args.data), ("--out", args.out),
                                  ("--encoding-errors", args.encoding_errors), ("--tokenizer", args.tokenizer),
                                  ("--overwrite", args.overwrite)) if v]
         if given:
             raise TinygenError(f"--resume continues the run as recorded in its {ckpt.TRAIN_CONFIG}; only "
-                               f"--max-steps can change (got {', '.join(given)})")
+                               f"--max-steps and --workers can change (got {', '.join(given)})")
         settings = read_settings(args.resume)
-        if "max_steps" in train_over:
-            settings["train"] = TrainConfig(**{**settings["train"], "max_steps": train_over["max_steps"]}).to_dict()
+        changed = {k: v for k, v in train_over.items() if k in RESUMABLE}
+        settings["train"] = TrainConfig(**{**settings["train"], **changed}).to_dict()
         return settings
     preset = args.preset or "small"
     values = {**PRESETS[preset], **train_over, **data_over}
