@@ -26,8 +26,9 @@ def add_dataclass_arguments(parser, cls, help: dict, skip=()):
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        text = help.get(field.name, "")
-        if field.default is not dataclasses.MISSING:
+        assert field.name in help, f"--help text missing for {cls.__name__}.{field.name}"
+        text = help[field.name]
+        if field.default not in (dataclasses.MISSING, None):  # None: the help text says what it means
             text += f" (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)

@@ -19,7 +19,7 @@ from ..tokenizer import ENDOFTEXT, Tokenizer
 def add_parser(subparsers):
     parser = subparsers.add_parser("tokenizer", help="train a BPE tokenizer, or encode text with one",
                                    description=__doc__.split("\n")[0])
-    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", help="train: learn a tokenizer; encode: text -> ids")
     actions.required = True
 
     train_p = actions.add_parser("train", help="learn merges from text files, write tok.json")
