@@ -188,10 +188,10 @@ def work_encode_hf(text, vocab):
 def work_split(text):
     import regex
 
-    from tinygen.tokenizer import GPT2_PATTERN, _splitter
+    from tinygen.pretokenize import GPT2_PATTERN, splitter
 
     _, seconds = timed(lambda: regex.compile(GPT2_PATTERN).findall(text))
-    _, ours = timed(lambda: _splitter(GPT2_PATTERN)(text))
+    _, ours = timed(lambda: splitter(GPT2_PATTERN)(text))
     return {"encode_s": seconds, "tinygen_s": ours}
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tinygen.bpe import LONG_PIECE, _encode_long, encode_piece, train_merges
 from tinygen.errors import TinygenError
-from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer, _escape, _splitter, _unescape
+from tinygen.pretokenize import splitter
+from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer, _escape, _unescape
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!\n"
@@ -115,8 +116,8 @@ MIXED = st.lists(st.sampled_from(list("ab1Z9 \n\n\r\t'.:)") + ["é", "日", "�
 
 @given(st.one_of(MIXED, texts), st.sampled_from([GPT2_PATTERN, GPT4_PATTERN]), st.sampled_from([4, 1 << 16]))
 def test_fast_split_equals_regex(s, pattern, block):
-    # the built-in patterns run on `re` for ASCII stretches, cut at safe points (see _splitter)
-    assert [c for b in _splitter(pattern, block)(s) for c in b] == regex.findall(pattern, s)
+    # the built-in patterns run on `re` for ASCII stretches, cut at safe points (see pretokenize.splitter)
+    assert [c for b in splitter(pattern, block)(s) for c in b] == regex.findall(pattern, s)
 
 
 def test_patterns_are_tiktokens():

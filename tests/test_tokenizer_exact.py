@@ -60,9 +60,9 @@ def write_gpt2_files(tok, folder):
 
 
 def test_gpt2_byte_map_matches_openai():
-    from tinygen.tokenizer import _gpt2_byte_chars
+    from tinygen.vocab_files import gpt2_byte_chars as ours
 
-    assert _gpt2_byte_chars() == gpt2_byte_chars()
+    assert ours() == gpt2_byte_chars()
     assert gpt2_byte_chars()[32] == "Ġ" and gpt2_byte_chars()[10] == "Ċ"
 
 

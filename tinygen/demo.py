@@ -44,12 +44,12 @@ class DemoConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    corpus_bytes: int = 4_000_000
+    corpus_bytes: int = 8_000_000
     tokenizer_bytes: int = 1_000_000
-    pretrain_steps: int = 900
+    pretrain_steps: int = 1800
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
-    finetune_steps: int = 150
+    finetune_steps: int = 250
     finetune_batch: int = 16
     full_lr: float = 1e-3
     lora_lr: float = 3e-3

@@ -16,7 +16,10 @@ forward+backward; 2 shards with 2 BLAS threads each 1.77 s; 2 shards with
 that everything else (GELU, softmax, layer norm, AdamW) now uses both cores.
 
 `Workers.map` therefore sets OpenBLAS to one thread while its threads run
-and restores the previous count afterwards. OpenBLAS is found among the
+and restores the previous count afterwards. The count is process-wide
+(OpenBLAS 0.3.31's `openblas_set_num_threads_local` changed it for the
+calling thread and every other one alike, measured), so BLAS calls from
+other threads during a `map` run on one thread too. OpenBLAS is found among the
 libraries NumPy has already loaded (never loaded anew); where there is none
 (NumPy built on Accelerate or MKL), `default_workers()` is 1 and one stream
 with the BLAS's own threading is used, as before.

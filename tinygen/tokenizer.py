@@ -13,11 +13,9 @@ cl100k's rank file encode token for token as OpenAI's tokenizers do.
 Ids: 0..255 are the single bytes (in some order), then one id per learned
 token in merge order, then the special tokens. A token's id is its merge rank.
 """
-import base64
 import functools
 import json
 import os
-import re
 from collections import Counter
 from itertools import chain
 
@@ -27,11 +25,9 @@ import regex
 from .bpe import encode_piece, recover_merges, train_merges
 from .errors import TinygenError
 from .fileio import atomic_write_text
+from .pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
+from .vocab_files import read_gpt2, read_tiktoken
 
-# Byte-exact copies of tiktoken's r50k (GPT-2) and cl100k (GPT-4) split patterns.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 ENDOFTEXT = "<|endoftext|>"
 CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                          "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
@@ -49,7 +45,7 @@ class Tokenizer:
 
     def __init__(self, ranks, pattern="gpt4", special_tokens=None, merges=None):
         self.pattern = PATTERNS.get(pattern, pattern)
-        self._splitter = _splitter(self.pattern)
+        self._splitter = splitter(self.pattern)
         self._covers = self.pattern in PATTERNS.values()  # built-ins match every character
         if any(bytes([b]) not in ranks for b in range(256)):
             raise TinygenError("a byte-level vocabulary needs all 256 single bytes as tokens")
@@ -118,7 +114,7 @@ class Tokenizer:
         return list(chain.from_iterable(self._blocks(text)))
 
     def _blocks(self, text):
-        """Lists of chunks for consecutive stretches of `text` (see `_splitter`)."""
+        """Lists of chunks for consecutive stretches of `text` (see pretokenize.splitter)."""
         blocks = self._splitter(text)
         if not self._covers and sum(map(len, blocks[0])) != len(text):
             raise TinygenError("the split pattern skipped characters of the text; a custom pattern must "
@@ -299,16 +295,7 @@ class Tokenizer:
     def from_tiktoken(cls, path, pattern="gpt4", special_tokens=None):
         """A tiktoken rank file (lines "base64-token rank"), e.g. cl100k_base.tiktoken
         with pattern "gpt4" and `CL100K_SPECIAL_TOKENS`."""
-        ranks = {}
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        token, rank = line.split()
-                        ranks[base64.b64decode(token, validate=True)] = int(rank)
-                    except ValueError:
-                        raise TinygenError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
-        return cls(ranks, pattern, special_tokens)
+        return cls(read_tiktoken(path), pattern, special_tokens)
 
     @classmethod
     def from_gpt2(cls, vocab_json, merges_txt, pattern="gpt2"):
@@ -317,30 +304,8 @@ class Tokenizer:
         Tokens are written with GPT-2's byte-to-unicode map (space is "Ġ");
         vocabulary entries that no merge builds, like "<|endoftext|>", are special.
         """
-        decoder = {c: b for b, c in _gpt2_byte_chars().items()}
-        ranks, merges = {}, []
-        try:
-            with open(vocab_json, encoding="utf-8") as f:
-                vocab = dict(json.load(f))
-            with open(merges_txt, encoding="utf-8") as f:
-                lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-            for c, b in decoder.items():
-                ranks[bytes([b])] = vocab.pop(c)
-            if sorted(ranks.values()) != list(range(256)):
-                raise TinygenError("the 256 byte tokens must have ids 0..255")
-            for n, line in enumerate(lines):
-                left, right = line.split(" ")
-                a, b = bytes(map(decoder.__getitem__, left)), bytes(map(decoder.__getitem__, right))
-                if vocab.pop(left + right, None) != 256 + n or a + b in ranks:
-                    raise TinygenError(f"merge {n} {line!r}: vocab.json must give {left + right!r} the id {256 + n}")
-                ranks[a + b] = 256 + n
-                merges.append((a, b))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, TinygenError):
-                raise TinygenError(f"{merges_txt}: {e}") from None
-            raise TinygenError(f"{vocab_json}, {merges_txt}: not GPT-2 vocab.json/merges.txt files: "
-                               f"{type(e).__name__} {e}") from None
-        return cls(ranks, pattern, vocab, merges)
+        ranks, specials, merges = read_gpt2(vocab_json, merges_txt)
+        return cls(ranks, pattern, specials, merges)
 
     @classmethod
     def load_dir(cls, path):
@@ -361,81 +326,6 @@ class Tokenizer:
                 return cls.from_gpt2(os.path.join(path, vocab), os.path.join(path, merges))
         raise TinygenError((foreign + " and there is no vocab.json + merges.txt beside it") if foreign else
                            f"{path}: no tokenizer found: expected tinygen's tokenizer.json, or vocab.json + merges.txt")
-
-
-@functools.lru_cache(maxsize=64)
-def _compile(pattern):
-    try:
-        compiled = regex.compile(pattern)
-    except (regex.error, TypeError) as e:
-        raise TinygenError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
-    if compiled.groups:
-        raise TinygenError(f"split pattern {pattern!r} has capturing groups; use (?:...) instead")
-    return compiled
-
-
-@functools.lru_cache(maxsize=8)
-def _splitter(pattern, block=1 << 16):
-    """The pattern's chunks of a text, as a list of lists (one per stretch of the text).
-
-    For GPT-2's and GPT-4's patterns there is a faster way than `regex`:
-    Python's `re` runs them about twice as fast once \\p{L}, \\p{N} and \\s are
-    spelled out as the ASCII characters that `regex` puts in them, which is exact
-    on ASCII text. Text is cut at safe points, newlines right after an ASCII
-    letter or digit: no chunk of either pattern crosses one or looks across one.
-    Stretches holding non-ASCII characters go to `regex`, the rest to `re`, in
-    blocks of about `block` characters so that each block's chunks stay in the
-    CPU cache while they are encoded.
-    """
-    slow = _compile(pattern).findall
-    if pattern not in PATTERNS.values():
-        return lambda text: [slow(text)]
-    ascii_set = lambda cls: "".join(re.escape(chr(c)) for c in range(128) if regex.match(cls, chr(c)))  # noqa
-    letters, digits, spaces = ascii_set(r"\p{L}"), ascii_set(r"\p{N}"), ascii_set(r"\s")
-    twin = (pattern.replace(r"[^\s\p{L}\p{N}]", f"[^{spaces}{letters}{digits}]")
-            .replace(r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{letters}{digits}]").replace(r"\p{L}", f"[{letters}]")
-            .replace(r"\p{N}", f"[{digits}]").replace(r"\s", f"[{spaces}]").replace(r"\S", f"[^{spaces}]"))
-    fast = re.compile(twin).findall
-
-    def fast_blocks(text, pos, end, out):
-        while pos < end:
-            cut = _safe_point_after(text, pos + block, end) if end - pos > 2 * block else end
-            out.append(fast(text[pos:cut]))  # a slice of ASCII is stored 1 byte/char: faster
-            pos = cut
-
-    def split(text):
-        blocks, pos = [], 0
-        if not text.isascii():
-            for run in _NON_ASCII.finditer(text):
-                if run.start() >= pos:  # else it is inside the last stretch given to `regex`
-                    start = _safe_point_before(text, run.start(), pos)
-                    fast_blocks(text, pos, start, blocks)
-                    pos = _safe_point_after(text, run.end(), len(text))
-                    blocks.append(slow(text, start, pos))
-        fast_blocks(text, pos, len(text), blocks)
-        return blocks
-
-    return split
-
-
-_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-
-
-def _safe_point_before(text, i, lo):
-    """The last newline in text[lo:i] that follows an ASCII letter or digit, else lo."""
-    j = text.rfind("\n", lo, i)
-    while j > lo and text[j - 1] not in _ALNUM:
-        j = text.rfind("\n", lo, j)
-    return j if j > lo else lo
-
-
-def _safe_point_after(text, i, hi):
-    """The first newline in text[i:hi] that follows an ASCII letter or digit, else hi."""
-    j = text.find("\n", i, hi)
-    while j != -1 and (j == 0 or text[j - 1] not in _ALNUM):
-        j = text.find("\n", j + 1, hi)
-    return hi if j == -1 else j
 
 
 @functools.lru_cache(maxsize=64)
@@ -491,14 +381,3 @@ def _unescape(s):
     if not out:
         raise ValueError("empty token in merges")
     return bytes(out)
-
-
-def _gpt2_byte_chars():
-    """GPT-2's map from bytes to printable characters: 33 -> "!", 32 (space) -> "Ġ", 10 -> "Ċ".
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in order,
-    to chr(256), chr(257), ... so every token is a readable, space-free string.
-    """
-    keep = [b for b in range(256) if chr(b).isprintable() and b != 32]
-    others = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}

@@ -1,0 +1,97 @@
+"""The split before BPE: text -> chunks by a regex, as tiktoken does it.
+
+BPE never merges across chunk boundaries, so the split pattern decides which
+tokens can exist at all: GPT-2's keeps a leading space with the word after it
+(" hello"), GPT-4's also caps digit runs at three and keeps newlines apart.
+Both are byte-exact copies of tiktoken's patterns; `splitter(pattern)` returns
+a function that splits a text exactly as `regex.findall(pattern, text)` would,
+faster for the built-in patterns (see its docstring). docs/tokenizer.md
+explains the patterns.
+"""
+import functools
+import re
+
+import regex
+
+from .errors import TinygenError
+
+# Byte-exact copies of tiktoken's r50k (GPT-2) and cl100k (GPT-4) split patterns.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+
+@functools.lru_cache(maxsize=64)
+def compile_pattern(pattern):
+    """The compiled split regex; a TinygenError names an invalid one."""
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, TypeError) as e:
+        raise TinygenError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
+    if compiled.groups:
+        raise TinygenError(f"split pattern {pattern!r} has capturing groups; use (?:...) instead")
+    return compiled
+
+
+@functools.lru_cache(maxsize=8)
+def splitter(pattern, block=1 << 16):
+    """The pattern's chunks of a text, as a list of lists (one per stretch of the text).
+
+    For GPT-2's and GPT-4's patterns there is a faster way than `regex`:
+    Python's `re` runs them about twice as fast once \\p{L}, \\p{N} and \\s are
+    spelled out as the ASCII characters that `regex` puts in them, which is exact
+    on ASCII text. Text is cut at safe points, newlines right after an ASCII
+    letter or digit: no chunk of either pattern crosses one or looks across one.
+    Stretches holding non-ASCII characters go to `regex`, the rest to `re`, in
+    blocks of about `block` characters so that each block's chunks stay in the
+    CPU cache while they are encoded.
+    """
+    slow = compile_pattern(pattern).findall
+    if pattern not in PATTERNS.values():
+        return lambda text: [slow(text)]
+    ascii_set = lambda cls: "".join(re.escape(chr(c)) for c in range(128) if regex.match(cls, chr(c)))  # noqa
+    letters, digits, spaces = ascii_set(r"\p{L}"), ascii_set(r"\p{N}"), ascii_set(r"\s")
+    twin = (pattern.replace(r"[^\s\p{L}\p{N}]", f"[^{spaces}{letters}{digits}]")
+            .replace(r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{letters}{digits}]").replace(r"\p{L}", f"[{letters}]")
+            .replace(r"\p{N}", f"[{digits}]").replace(r"\s", f"[{spaces}]").replace(r"\S", f"[^{spaces}]"))
+    fast = re.compile(twin).findall
+
+    def fast_blocks(text, pos, end, out):
+        while pos < end:
+            cut = _safe_point_after(text, pos + block, end) if end - pos > 2 * block else end
+            out.append(fast(text[pos:cut]))  # a slice of ASCII is stored 1 byte/char: faster
+            pos = cut
+
+    def split(text):
+        blocks, pos = [], 0
+        if not text.isascii():
+            for run in _NON_ASCII.finditer(text):
+                if run.start() >= pos:  # else it is inside the last stretch given to `regex`
+                    start = _safe_point_before(text, run.start(), pos)
+                    fast_blocks(text, pos, start, blocks)
+                    pos = _safe_point_after(text, run.end(), len(text))
+                    blocks.append(slow(text, start, pos))
+        fast_blocks(text, pos, len(text), blocks)
+        return blocks
+
+    return split
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _safe_point_before(text, i, lo):
+    """The last newline in text[lo:i] that follows an ASCII letter or digit, else lo."""
+    j = text.rfind("\n", lo, i)
+    while j > lo and text[j - 1] not in _ALNUM:
+        j = text.rfind("\n", lo, j)
+    return j if j > lo else lo
+
+
+def _safe_point_after(text, i, hi):
+    """The first newline in text[i:hi] that follows an ASCII letter or digit, else hi."""
+    j = text.find("\n", i, hi)
+    while j != -1 and (j == 0 or text[j - 1] not in _ALNUM):
+        j = text.find("\n", j + 1, hi)
+    return hi if j == -1 else j
