@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
+from tinygen.lora import LoraSpec, init_lora
 from tinygen.loss import IGNORE
 from tinygen.model import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
-from tinygen.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
+from tinygen.parallel import Workers, blas_threads, openblas_threads_api, ranges
 from tinygen.train import TrainConfig, accumulate_grads
 
 V, T = 11, 5
@@ -49,6 +50,16 @@ def test_workers_run_on_several_threads_and_one_runs_inline():
         assert one.map(lambda _: threading.current_thread().name, range(3)) == [threading.current_thread().name] * 3
 
 
+def test_workers_run_in_the_callers_numpy_error_state():
+    """np.errstate is per thread (or per context); the threads see the caller's."""
+    overflow = lambda _: np.exp(np.float32(1000.0))  # noqa: E731
+    with Workers(2) as workers:
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            workers.map(overflow, range(2))
+        with np.errstate(over="ignore"):
+            assert workers.map(overflow, range(2)) == [np.inf, np.inf]
+
+
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])
 def test_workers_reject_a_bad_count(n):
     with pytest.raises(TinygenError, match="positive number of threads"):
@@ -66,8 +77,9 @@ def test_blas_threads_are_limited_inside_and_restored_after():
     assert get_threads() == before
     with Workers(2) as workers:  # Workers.map limits BLAS while its threads run
         assert workers.map(lambda _: get_threads(), range(2)) == [1, 1]
+        with pytest.raises(ZeroDivisionError):
+            workers.map(lambda i: 1 // i, range(2))  # ... and restores it when one fails
     assert get_threads() == before
-    assert default_workers() >= 1
 
 
 # ------------------------------------------------------------ the training step
@@ -86,23 +98,35 @@ def reference_step(model, x, y, B, A):
     return np.mean(losses), {k: sum(g[k] for g in grads) / A for k in grads[0]}
 
 
-@given(st.integers(1, 5), st.integers(1, 2), st.integers(1, 4), st.data())
-def test_sharded_step_equals_one_stream(B, A, n_workers, data):
+def lora_model(seed=0):
+    """float64_model with LoRA on c_attn and c_fc (B made non-zero, so the update matters)."""
+    base = float64_model(seed)
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("c_attn", "c_fc"))
+    extra = init_lora(base.params, spec, np.random.default_rng(seed))
+    extra = {k: (v + 0.1 if k.endswith("lora_B") else v) for k, v in extra.items()}
+    return GPT(base.config, params={**base.params, **extra}, lora=spec)
+
+
+@given(st.integers(1, 5), st.integers(1, 2), st.integers(1, 4), st.booleans(), st.data())
+def test_sharded_step_equals_one_stream(B, A, n_workers, with_lora, data):
     """Any split into shards, including shards whose targets are all ignored, gives the
-    same loss and gradient as the unsharded micro-batches (float64, to rounding)."""
+    same loss and gradient as the unsharded micro-batches (float64, to rounding); with
+    LoRA, for its trainable tensors only (the base is frozen)."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     x = rng.integers(0, V, (B * A, T))
     y = rng.integers(0, V, (B * A, T))
     y[rng.random(y.shape) < data.draw(st.sampled_from([0.0, 0.5, 1.0]))] = IGNORE
-    model = float64_model()
+    model = lora_model() if with_lora else float64_model()
+    trainable = (lambda name: ".lora_" in name) if with_lora else None
     want_loss, want = reference_step(model, x, y, B, A)
     config = TrainConfig(batch_size=B, grad_accum=A, block_size=T, n_layer=2, n_head=2, n_embd=8,
-                         dtype="float64", grad_clip=0.0, workers=n_workers)
+                         dtype="float64", workers=n_workers)
     with Workers(n_workers) as workers:
-        opt = AdamW(model.params, lr=1e-3, workers=workers)
+        opt = AdamW(model.params, lr=1e-3, workers=workers, trainable=trainable)
         loss = accumulate_grads(model, opt, workers, (x, y), config, step=0)
     assert loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
-    for k in want:
+    assert set(opt.grads) == {k for k in want if trainable is None or trainable(k)}
+    for k in opt.grads:
         np.testing.assert_allclose(opt.grads[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
 
 
@@ -136,3 +160,14 @@ def test_clipping_a_flat_buffer_on_threads_equals_one_thread(n_workers):
     assert norm_split == pytest.approx(norm_one, rel=1e-14)
     np.testing.assert_allclose(split, one, rtol=1e-6)
     assert np.linalg.norm(split.astype(np.float64)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clipping_scales_non_contiguous_arrays_in_place():
+    base = lambda: np.arange(1.0, 17.0, dtype=np.float32).reshape(4, 4)  # noqa: E731
+    grads = {"w": base().T, "b": base()[:, ::2]}  # views: a transpose and a strided slice
+    norm = optim.clip_grad_norm(grads, 1.0)
+    assert norm > 1 and optim.global_norm(grads) == pytest.approx(1.0, rel=1e-5)
+    strided = np.arange(1.0, 9.0, dtype=np.float32)[::2]
+    with Workers(2) as workers:
+        optim.clip_grad_norm(strided, 1.0, workers)
+    assert np.linalg.norm(strided) == pytest.approx(1.0, rel=1e-5)

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -138,6 +139,17 @@ def test_resume_in_process_is_bit_exact(tmp_path, dropout, workers):
     assert (tmp_path / "half" / "loss.svg").read_text().startswith("<svg")
 
 
+def test_resume_on_another_worker_count_says_so(tmp_path):
+    config, batches, _ = tiny_setup()
+    model = GPT(config.model_config(29), seed=0)
+    train(model, batches, config.replace(max_steps=4, lr_decay_steps=8, workers=2), tmp_path, progress=False)
+    messages = []
+    train(model, batches, config.replace(lr_decay_steps=8, workers=1), tmp_path, resume=True, progress=False,
+          log=messages.append)
+    assert any("resuming on 1 worker threads, the checkpoint was trained on 2" in m for m in messages)
+    assert load_train_state(tmp_path / "train_state.safetensors").info["workers"] == 1
+
+
 def test_gradient_accumulation_matches_a_big_batch(tmp_path):
     config, batches, _ = tiny_setup()
     big = GPT(config.model_config(29), seed=0)
@@ -165,11 +177,14 @@ class NanAt:
 
     def __init__(self, model, bad_call):
         self.model, self.params, self.calls, self.bad_call = model, model.params, 0, bad_call
+        self.lock = threading.Lock()  # shards call from worker threads
 
     def loss_and_grads(self, x, y, rng=None, scale=1.0):
-        self.calls += 1
+        with self.lock:
+            self.calls += 1
+            bad = self.calls == self.bad_call
         loss, grads = self.model.loss_and_grads(x, y, rng, scale)
-        return (float("nan") if self.calls == self.bad_call else loss), grads
+        return (float("nan") if bad else loss), grads
 
     def loss(self, x, y):
         return self.model.loss(x, y)
@@ -178,10 +193,11 @@ class NanAt:
         self.model.save_pretrained(directory)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, workers):
     config, batches, val = tiny_setup()
-    config = config.replace(workers=1)  # one call per step
-    model = NanAt(GPT(config.model_config(29), seed=0), bad_call=5)
+    config = config.replace(workers=workers)  # `workers` calls (shards) per step: one shard of step 5 is NaN
+    model = NanAt(GPT(config.model_config(29), seed=0), bad_call=4 * workers + 1)
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan.*last checkpoint \(step 4\) is intact"):
         train(model, batches, config, tmp_path, val_batches=val, progress=False)
     assert checkpoint_step(tmp_path) == 4

@@ -26,7 +26,8 @@ def add_dataclass_arguments(parser, cls, help: dict, skip=()):
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        assert field.name in help, f"--help text missing for {cls.__name__}.{field.name}"
+        if not help.get(field.name):  # a programming error: every flag explains itself
+            raise ValueError(f"no --help text for {cls.__name__}.{field.name}")
         text = help[field.name]
         if field.default not in (dataclasses.MISSING, None):  # None: the help text says what it means
             text += f" (default: {field.default})"

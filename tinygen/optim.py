@@ -302,13 +302,13 @@ class AdamW:
 
 
 def _pieces(grads, workers) -> list[list[np.ndarray]]:
-    """The gradients as 1-D views, one list per thread: a flat buffer is cut into
-    one contiguous range per worker, a dict stays one list of its arrays."""
-    if isinstance(grads, np.ndarray):
-        flat = grads.reshape(-1)  # (N,), a view when grads is contiguous
+    """The gradient arrays (or views of them), one list per thread: a contiguous
+    buffer is cut into one range per worker, anything else stays one list."""
+    if isinstance(grads, np.ndarray) and grads.flags.c_contiguous:
+        flat = grads.reshape(-1)  # (N,), a view
         n = 1 if workers is None else workers.n
         return [[flat[lo:hi]] for lo, hi in ranges(flat.size, n)]
-    return [[g.reshape(-1) for g in grads.values()]]
+    return [[grads] if isinstance(grads, np.ndarray) else list(grads.values())]
 
 
 def _map(workers, fn, items) -> list:
@@ -325,9 +325,10 @@ def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray, workers=None) -> f
     5.0
     """
 
-    def sum_of_squares(flats):
+    def sum_of_squares(arrays):
         # einsum casts in small chunks: float64 products and sums, no full-size copy
-        return sum(float(np.einsum("i,i->", f, f, dtype=np.float64)) for f in flats)
+        # (reshape copies only an array that is not contiguous)
+        return sum(float(np.einsum("i,i->", g.reshape(-1), g.reshape(-1), dtype=np.float64)) for g in arrays)
 
     return math.sqrt(sum(_map(workers, sum_of_squares, _pieces(grads, workers))))
 
@@ -352,9 +353,9 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float
     coef = max_norm / (total_norm + CLIP_EPS)
     if math.isfinite(total_norm) and coef < 1:
 
-        def scale(flats):
-            for f in flats:
-                f *= coef
+        def scale(arrays):
+            for g in arrays:
+                g *= coef  # in place, also through a transposed or sliced view
 
         _map(workers, scale, _pieces(grads, workers))
     return total_norm

@@ -19,7 +19,9 @@ that everything else (GELU, softmax, layer norm, AdamW) now uses both cores.
 and restores the previous count afterwards. The count is process-wide
 (OpenBLAS 0.3.31's `openblas_set_num_threads_local` changed it for the
 calling thread and every other one alike, measured), so BLAS calls from
-other threads during a `map` run on one thread too. OpenBLAS is found among the
+other threads during a `map` run on one thread too, and two `Workers`
+mapping at once from different threads are not supported (the second
+could restore the count the first one set). OpenBLAS is found among the
 libraries NumPy has already loaded (never loaded anew); where there is none
 (NumPy built on Accelerate or MKL), `default_workers()` is 1 and one stream
 with the BLAS's own threading is used, as before.
@@ -28,7 +30,7 @@ import contextlib
 import ctypes
 import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -136,12 +138,26 @@ class Workers:
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="tinygen-worker") if self.n > 1 else None
 
     def map(self, fn: Callable, items: Iterable) -> list:
-        """[fn(item) for item in items], up to n at a time; the first exception is raised."""
+        """[fn(item) for item in items], up to n at a time; the first exception is raised.
+
+        Each call runs under the caller's `np.errstate` (NumPy keeps it per
+        thread or per context, so a thread would otherwise use the default),
+        as it would in a plain loop. All calls finish before map returns,
+        even when one fails.
+        """
         items = list(items)
         if self._pool is None or len(items) <= 1:
             return [fn(item) for item in items]
+        errors = np.geterr()
+
+        def call(item):
+            with np.errstate(**errors):
+                return fn(item)
+
         with blas_threads(1, self._blas):
-            return list(self._pool.map(fn, items))
+            futures = [self._pool.submit(call, item) for item in items]
+            wait(futures)
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -212,13 +212,16 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
 
 def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):
     """train()'s loop, given the optimizer and the worker threads."""
-    start, elapsed0 = _start(model, opt, run_dir, resume)
+    start, elapsed0, saved_workers = _start(model, opt, run_dir, resume)
     metrics = MetricsLog(os.path.join(run_dir, METRICS))
     if progress is None:
         progress = Progress(total=config.max_steps, desc="step", unit="step", start=start)
     elif progress is False:
         progress = Progress(total=config.max_steps, enabled=False)
     say = progress.write if progress.enabled else log
+    if saved_workers is not None and saved_workers != workers.n:
+        say(f"note: resuming on {workers.n} worker threads, the checkpoint was trained on {saved_workers}: "
+            f"same training, other rounding (and dropout masks), so not bit-identical to an uninterrupted run")
     save = lambda step, elapsed: _save(run_dir, step, model, opt, config, elapsed, save_weights)  # noqa: E731
 
     train_loss = val_loss = None
@@ -234,8 +237,10 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
             lr = config.lr_at(step)
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
                 train_loss = accumulate_grads(model, opt, workers, batches(step), config, step)
-                norm = clip_grad_norm(opt.grad_buffer, config.grad_clip, workers) if config.grad_clip > 0 else \
-                    global_norm(opt.grad_buffer, workers)
+                if config.grad_clip > 0:
+                    norm = clip_grad_norm(opt.grad_buffer, config.grad_clip, workers)
+                else:
+                    norm = global_norm(opt.grad_buffer, workers)
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 progress.close()
                 raise TrainingDiverged(_diverged(step + 1, train_loss, norm, run_dir))
@@ -263,26 +268,28 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
 
 
 def _start(model, opt, run_dir, resume):
-    """-> (first step, elapsed seconds so far): restore RUN_DIR's checkpoint when resuming.
+    """-> (first step, elapsed seconds so far, the checkpoint's worker count or None):
+    restore RUN_DIR's checkpoint when resuming.
 
     The metrics log keeps the rows up to the checkpoint's step (a resumed log
     then equals an uninterrupted one); a fresh start begins a new log.
     """
     state_path, metrics_path = os.path.join(run_dir, TRAIN_STATE), os.path.join(run_dir, METRICS)
     if resume and os.path.isfile(state_path):
-        start, elapsed = _restore(model, opt, state_path)
+        start, elapsed, saved_workers = _restore(model, opt, state_path)
         truncate_after(metrics_path, start)
-        return start, elapsed
+        return start, elapsed, saved_workers
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    return 0, 0.0
+    return 0, 0.0, None
 
 
 def _save(run_dir, step, model, opt, config, elapsed, save_weights):
     """A checkpoint: weights first, then the train state (the commit point), then loss.svg."""
     save_weights(run_dir)
     params = {n: model.params[n] for n in opt.names}
-    info = {"seed": config.seed, "elapsed_s": elapsed, "tokens": step * config.tokens_per_step}
+    info = {"seed": config.seed, "elapsed_s": elapsed, "tokens": step * config.tokens_per_step,
+            "workers": opt.workers.n}  # the resolved count: --workers 0 depends on the machine
     save_train_state(os.path.join(run_dir, TRAIN_STATE), step, params, opt.state_dict(), info)
     write_loss_svg(os.path.join(run_dir, LOSS_SVG), read_metrics(os.path.join(run_dir, METRICS)))
 
@@ -316,7 +323,7 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
         index, rows, weight = shard
         rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
         loss, grads = model.loss_and_grads(x[rows], y[rows], rng, scale=weight)
-        return weight * float(loss), grads
+        return weight * float(loss), {n: grads[n] for n in opt.flat.slices}  # frozen ones' are dropped now
 
     total = 0.0
     for a in range(A):
@@ -370,7 +377,7 @@ def _restore(model, opt, path):
     opt.load_state_dict(state.optimizer)
     if opt.t != state.step:
         raise TinygenError(f"{path}: optimizer step {opt.t} differs from the checkpoint's step {state.step}")
-    return state.step, float(state.info.get("elapsed_s", 0.0))
+    return state.step, float(state.info.get("elapsed_s", 0.0)), state.info.get("workers")
 
 
 @contextlib.contextmanager
