@@ -49,7 +49,7 @@ class Step:
         self.model = GPT(common.gpt_config(cfg), seed)
         self.idx, self.targets = common.make_batch(cfg, seed)
         B = cfg["batch_size"]
-        self.workers = Workers(workers or min(default_workers(), B))
+        self.workers = Workers(workers or default_workers(B))
         self.config = TrainConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                                   n_head=cfg["n_head"], n_embd=cfg["n_embd"], dtype=cfg["dtype"], batch_size=B,
                                   seed=seed, workers=self.workers.n)

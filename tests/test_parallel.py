@@ -13,7 +13,7 @@ from tinygen.loss import IGNORE
 from tinygen.model import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
-from tinygen.parallel import Workers, blas_threads, openblas_threads_api, ranges
+from tinygen.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
 from tinygen.train import TrainConfig, accumulate_grads
 
 V, T = 11, 5
@@ -80,6 +80,7 @@ def test_blas_threads_are_limited_inside_and_restored_after():
         with pytest.raises(ZeroDivisionError):
             workers.map(lambda i: 1 // i, range(2))  # ... and restores it when one fails
     assert get_threads() == before
+    assert default_workers(batch_size=1) == 1 and default_workers(batch_size=64) == min(default_workers(), 64)
 
 
 # ------------------------------------------------------------ the training step

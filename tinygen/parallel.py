@@ -113,9 +113,12 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_workers() -> int:
-    """One worker per core when OpenBLAS's threads can be limited, else 1."""
-    return available_cores() if openblas_threads_api() is not None else 1
+def default_workers(batch_size: Optional[int] = None) -> int:
+    """One worker per core (and at most one per row of `batch_size`) when
+    OpenBLAS's threads can be limited, else 1."""
+    if openblas_threads_api() is None:
+        return 1
+    return available_cores() if batch_size is None else max(1, min(available_cores(), batch_size))
 
 
 class Workers:

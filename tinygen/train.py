@@ -203,7 +203,7 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     os.makedirs(run_dir, exist_ok=True)
     reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
     save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
-    with Workers(config.workers or min(default_workers(), config.batch_size)) as workers:
+    with Workers(config.workers or default_workers(config.batch_size)) as workers:
         opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
                     weight_decay=config.weight_decay, trainable=trainable, workers=workers)
         return _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights,
