@@ -30,7 +30,7 @@ def decode_child(config: str, use_cache: bool, new_tokens: int, prompt_lengths: 
     """{T: (prefill ms, median ms per new token)} for greedy decoding at batch 1."""
     import numpy as np
 
-    from tinygen.decode import Decoder
+    from tinygen.kv_decoding import Decoder
     from tinygen.model import GPT
 
     cfg = DECODE_CONFIGS[config]

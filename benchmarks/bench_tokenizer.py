@@ -188,7 +188,7 @@ def work_encode_hf(text, vocab):
 def work_split(text):
     import regex
 
-    from tinygen.pretokenize import GPT2_PATTERN, splitter
+    from tinygen.tokenizer.split import GPT2_PATTERN, splitter
 
     _, seconds = timed(lambda: regex.compile(GPT2_PATTERN).findall(text))
     _, ours = timed(lambda: splitter(GPT2_PATTERN)(text))

@@ -39,10 +39,10 @@ class Step:
     """
 
     def __init__(self, cfg: dict, seed: int, workers: int):
-        from tinygen.memory import reuse_freed_memory
+        from tinygen.plumbing.memory import reuse_freed_memory
         from tinygen.model import GPT
         from tinygen.optim import AdamW
-        from tinygen.parallel import Workers, default_workers, ranges
+        from tinygen.plumbing.parallel import Workers, default_workers, ranges
         from tinygen.train import TrainConfig
 
         reuse_freed_memory()  # as tinygen's training loop does

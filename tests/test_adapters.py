@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from tinygen import GPT, GPTConfig
-from tinygen.adapters import SITES, adapter_backward, adapter_forward, adapter_names, count, init_adapters
-from tinygen.numerical import THRESHOLD, check_layer, check_model
+from tinygen.finetuning.adapters import SITES, adapter_backward, adapter_forward, adapter_names, count, init_adapters
+from tinygen.gradient_check import THRESHOLD, check_layer, check_model
 
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
 

@@ -14,7 +14,7 @@ from tinygen.attention import (
 )
 from tinygen.errors import TinygenError
 from tinygen.layers import dropout_mask
-from tinygen.numerical import THRESHOLD, check_layer
+from tinygen.gradient_check import THRESHOLD, check_layer
 from tinygen.testing import configs, token_batches
 
 # B, T, H, D: batch 1..3, time 1..6, heads 1..3, head width 1..4

@@ -9,7 +9,7 @@ import pytest
 from tinygen import GPT, GPTConfig, TinygenError
 from tinygen.checkpoint import (hf_params, load_model, load_train_state, read_config, save_model,
                                 save_train_state)
-from tinygen.safetensors import load_file, save_file
+from tinygen.plumbing.safetensors import load_file, save_file
 
 CONFIG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16)
 

@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from tinygen.cli import build_parser
+from tinygen.cli.main import build_parser
 
 
 def subcommands():

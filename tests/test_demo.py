@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from tinygen.demo import TINY, DemoConfig, pretraining_corpus, report_markdown
-from tinygen.tasks import heldout_modules
+from tinygen.finetuning.tasks import heldout_modules
 
 COLUMNS = {"pretrained_full", "pretrained_lora", "scratch_full", "few_shot"}
 

@@ -10,12 +10,12 @@ import pytest
 
 from tinygen import GPT, GPTConfig
 from tinygen.checkpoint import TRAIN_STATE, load_train_state
-from tinygen.cli import build_parser
+from tinygen.cli.main import build_parser
 from tinygen.errors import TinygenError
-from tinygen.finetune import (ADAPTER_FILE, FinetuneConfig, apply_adapter, base_identity, build_model, load_run,
+from tinygen.finetuning.finetune import (ADAPTER_FILE, FinetuneConfig, apply_adapter, base_identity, build_model, load_run,
                               run, trainable)
-from tinygen.lora import merge
-from tinygen.tasks import Example, encode_examples, make_batch, write_jsonl
+from tinygen.finetuning.lora import merge
+from tinygen.finetuning.tasks import Example, encode_examples, make_batch, write_jsonl
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
 BYTES = Tokenizer({bytes([b]): b for b in range(256)}, "gpt4", {ENDOFTEXT: 256})
@@ -145,7 +145,7 @@ def test_config_validation():
 
 def test_command_line_finetune_and_resume(setup, capsys):
     root, base, data = setup
-    parser = build_parser()  # `finetune` is registered in tinygen.commands.COMMANDS
+    parser = build_parser()  # `finetune` is registered in tinygen.cli.COMMANDS
     out = str(root / "cli")
     args = parser.parse_args(["finetune", "--base", base, "--data", data, "--method", "prompt", "--out", out,
                               "--max-steps", "2", "--batch-size", "6", "--n-virtual", "2"])

@@ -3,10 +3,10 @@ failure path (a deliberately wrong backward), and the checker's own claims."""
 import numpy as np
 import pytest
 
-import tinygen.commands.gradcheck as gradcheck_command
+import tinygen.cli.gradcheck as gradcheck_command
 from tinygen.cli import main
 from tinygen.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward
-from tinygen.numerical import (
+from tinygen.gradient_check import (
     EPS, FLOOR, THRESHOLD, check_layer, gradcheck, numerical_gradient, pick_coords, relative_errors,
 )
 

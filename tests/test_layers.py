@@ -13,7 +13,7 @@ from tinygen.layers import (
     linear_forward, softmax,
 )
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
-from tinygen.numerical import THRESHOLD, check_layer
+from tinygen.gradient_check import THRESHOLD, check_layer
 from tinygen.testing import arrays, float_arrays
 
 # B, T, C: batch 1..3, time 1..5 (T=1 and B=1 included), width 1..8

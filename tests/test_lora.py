@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 from tinygen import GPT, GPTConfig
 from tinygen.errors import TinygenError
 from tinygen.layers import dropout_mask
-from tinygen.lora import LoraSpec, count, init_lora, lora_linear_backward, lora_linear_forward, merge, target_weights
-from tinygen.numerical import THRESHOLD, check_layer, check_model
+from tinygen.finetuning.lora import LoraSpec, count, init_lora, lora_linear_backward, lora_linear_forward, merge, target_weights
+from tinygen.gradient_check import THRESHOLD, check_layer, check_model
 
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
 ALL = ("c_attn", "c_proj", "c_fc")

@@ -10,8 +10,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tinygen.errors import TinygenError
-from tinygen.metrics import MetricsLog, read_metrics, truncate_after
-from tinygen.plot import loss_svg, nice_ticks, write_loss_svg
+from tinygen.plumbing.metrics import MetricsLog, read_metrics, truncate_after
+from tinygen.plumbing.plot import loss_svg, nice_ticks, write_loss_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

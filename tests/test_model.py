@@ -11,7 +11,7 @@ from tinygen import GPT, GPTConfig, KVCache
 from tinygen.errors import TinygenError
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from tinygen.model import gpt_backward, gpt_forward, init_params, param_shapes
-from tinygen.numerical import THRESHOLD, check_model, gradcheck
+from tinygen.gradient_check import THRESHOLD, check_model, gradcheck
 from tinygen.testing import configs, float_arrays, token_batches
 
 SMALL = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dtype="float64")

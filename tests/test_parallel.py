@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
-from tinygen.lora import LoraSpec, init_lora
+from tinygen.finetuning.lora import LoraSpec, init_lora
 from tinygen.loss import IGNORE
 from tinygen.model import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
-from tinygen.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
+from tinygen.plumbing.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
 from tinygen.train import TrainConfig, accumulate_grads
 
 V, T = 11, 5

@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 from tinygen import GPT, GPTConfig, KVCache
 from tinygen.errors import TinygenError
 from tinygen.model import gpt_forward
-from tinygen.numerical import THRESHOLD, check_layer, check_model
-from tinygen.prompt_tuning import NAME, init_prompt, prompt_backward, prompt_forward
+from tinygen.gradient_check import THRESHOLD, check_layer, check_model
+from tinygen.finetuning.prompt_tuning import NAME, init_prompt, prompt_backward, prompt_forward
 
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
 

@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st
 
 import tinygen
 from tinygen.errors import TinygenError
-from tinygen.fileio import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from tinygen.safetensors import (
+from tinygen.plumbing.fileio import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from tinygen.plumbing.safetensors import (
     DTYPES, SafetensorsError, TensorInfo, load_file, load_metadata, read_header, save_file,
 )
 
@@ -280,7 +280,7 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.safetensors"
     save_file({"w": np.ones(1000, np.float32)}, path)
     before = path.read_bytes()
-    import tinygen.safetensors as module
+    import tinygen.plumbing.safetensors as module
     real_write = module._write_tensor
 
     def write_then_crash(f, array, dtype):
@@ -309,7 +309,7 @@ def test_ctrl_c_during_atomic_open(tmp_path):
 
 CHILD = """
 import sys, numpy as np
-from tinygen.safetensors import save_file
+from tinygen.plumbing.safetensors import save_file
 for version in range(1, 10**6):
     save_file({"w": np.full(1_000_000, version, np.float32)}, sys.argv[1])
     print(version, flush=True)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tinygen.config import GPTConfig
-from tinygen.decode import Decoder, decode_step
+from tinygen.kv_decoding import Decoder, decode_step
 from tinygen.errors import TinygenError
 from tinygen.model import GPT, KVCache
 from tinygen.sampling import (
@@ -352,7 +352,7 @@ def test_stream_yields_exactly_the_decoded_text():
 def test_prompt_tuned_model_windows_count_the_virtual_tokens():
     """Virtual prompt tokens take positions, so a window holds block_size - n real tokens;
     such models take the general path (GPT.forward with the cache), with the same results."""
-    from tinygen.prompt_tuning import init_prompt
+    from tinygen.finetuning.prompt_tuning import init_prompt
 
     model = tiny_model(block=8)
     model.params.update(init_prompt(model.params["wte.weight"], 3, np.random.default_rng(0)))

@@ -8,7 +8,7 @@ import pytest
 from tinygen import GPT, GPTConfig
 from tinygen.errors import TinygenError
 from tinygen.loss import IGNORE
-from tinygen.tasks import (Encoded, Example, batches, builtin_examples, encode_examples, format_prompt,
+from tinygen.finetuning.tasks import (Encoded, Example, batches, builtin_examples, encode_examples, format_prompt,
                            function_examples, make_batch, module_split, read_jsonl, split_examples, write_jsonl)
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import tinygen.numerical
+import tinygen.gradient_check
 import tinygen.testing
 from tinygen import GPT, GPTConfig
 from tinygen.model import check_ids
@@ -69,7 +69,7 @@ def test_arrays_custom_elements(a):
 
 def test_checks_are_reexported():
     for name in ("gradcheck", "check_layer", "check_model", "THRESHOLD"):
-        assert getattr(tinygen.testing, name) is getattr(tinygen.numerical, name)
+        assert getattr(tinygen.testing, name) is getattr(tinygen.gradient_check, name)
         assert name in tinygen.testing.__all__
 
 

@@ -10,10 +10,11 @@ import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinygen.bpe import LONG_PIECE, _encode_long, encode_piece, train_merges
+from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, train_merges
 from tinygen.errors import TinygenError
-from tinygen.pretokenize import splitter
-from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer, _escape, _unescape
+from tinygen.tokenizer.split import splitter
+from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
+from tinygen.tokenizer.tokenizer import _escape, _unescape
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!\n"
@@ -32,7 +33,7 @@ texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(st.characters(blackl
 def reference_train(chunk_counts, vocab_size):
     """Obviously correct BPE: recount every pair before every merge.
 
-    Same rule as tinygen.bpe: highest count, ties to the smallest (left, right) ids.
+    Same rule as tinygen.tokenizer.bpe: highest count, ties to the smallest (left, right) ids.
     """
     vocab = [bytes([i]) for i in range(256)]
     words = [(list(chunk), n) for chunk, n in chunk_counts.items()]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tinygen.commands import tokenizer as command
+from tinygen.cli import tokenizer as command
 from tinygen.errors import TinygenError
 from tinygen.tokenizer import CL100K_SPECIAL_TOKENS, ENDOFTEXT, Tokenizer
 
@@ -60,7 +60,7 @@ def write_gpt2_files(tok, folder):
 
 
 def test_gpt2_byte_map_matches_openai():
-    from tinygen.vocab_files import gpt2_byte_chars as ours
+    from tinygen.tokenizer.files import gpt2_byte_chars as ours
 
     assert ours() == gpt2_byte_chars()
     assert gpt2_byte_chars()[32] == "Ġ" and gpt2_byte_chars()[10] == "Ċ"

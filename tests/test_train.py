@@ -11,19 +11,15 @@ import time
 import numpy as np
 import pytest
 
-import tinygen.commands as commands
 from tinygen import GPT, TinygenError
 from tinygen.checkpoint import checkpoint_step, load_model, load_train_state
 from tinygen.cli import main
-from tinygen.commands import pretrain
 from tinygen.data import RandomBatches, fixed_batches
-from tinygen.metrics import read_metrics
+from tinygen.plumbing.metrics import read_metrics
 from tinygen.train import HELP, PRESETS, TrainConfig, TrainingDiverged, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = ("import sys, tinygen.commands as c, tinygen.commands.pretrain as p\n"
-          "p in c.COMMANDS or c.COMMANDS.append(p)\n"
-          "from tinygen.cli import main\nsys.exit(main(sys.argv[1:]))")
+RUNNER = "import sys\nfrom tinygen.cli import main\nsys.exit(main(sys.argv[1:]))"
 SMALL = ["--preset", "tiny", "--vocab-size", "300", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",
          "--batch-size", "4", "--eval-batches", "1", "--samples", "0"]
 TIMING = ("tokens_per_sec", "elapsed_s")
@@ -43,10 +39,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """Run `tinygen ARGS` in-process (pretrain registered even before the lead does it)."""
-    if pretrain not in commands.COMMANDS:
-        monkeypatch.setattr(commands, "COMMANDS", [*commands.COMMANDS, pretrain])
+def cli():
+    """Run `tinygen ARGS` in-process."""
     return lambda *argv: main([str(a) for a in argv])
 
 

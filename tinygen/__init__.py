@@ -6,11 +6,11 @@
 """
 from .config import GPTConfig
 from .errors import TinygenError
-from .memory import reuse_freed_memory
+from .plumbing.memory import reuse_freed_memory
 from .model import GPT, KVCache
-from .numerical import check_layer, check_model, gradcheck
-from .parallel import Workers
-from .tokenizer import Tokenizer
+from .gradient_check import check_layer, check_model, gradcheck
+from .plumbing.parallel import Workers
+from .tokenizer.tokenizer import Tokenizer
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "TinygenError", "gradcheck", "check_layer", "check_model", "reuse_freed_memory",
            "Workers"]

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .decode import Decoder
+from .kv_decoding import Decoder
 from .errors import TinygenError
 from .sampling import check_prompt
 

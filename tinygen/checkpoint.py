@@ -32,8 +32,8 @@ import numpy as np
 
 from .config import LAYER_NORM_EPS, GPTConfig
 from .errors import TinygenError
-from .fileio import atomic_write_json, read_json
-from .safetensors import load_file, load_metadata, save_file
+from .plumbing.fileio import atomic_write_json, read_json
+from .plumbing.safetensors import load_file, load_metadata, save_file
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"

@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .errors import TinygenError
-from .fileio import atomic_open, atomic_write_json, read_json
+from .plumbing.fileio import atomic_open, atomic_write_json, read_json
 
 ENDOFTEXT = "<|endoftext|>"  # = tinygen.tokenizer.ENDOFTEXT
 CACHE_FORMAT, CACHE_VERSION = "tinygen-token-cache", 1

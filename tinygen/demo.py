@@ -23,15 +23,15 @@ from typing import Optional
 import numpy as np
 
 from .data import Document, RandomBatches, builtin_corpus, fixed_batches, split_documents, text_slice, token_cache
-from .evaluate import evaluate_tasks, few_shot_examples, greedy_complete
-from .fileio import atomic_write_json, atomic_write_text
-from .finetune import FinetuneConfig, run as finetune
-from .metrics import read_metrics
+from .finetuning.evaluate import evaluate_tasks, few_shot_examples, greedy_complete
+from .plumbing.fileio import atomic_write_json, atomic_write_text
+from .finetuning.finetune import FinetuneConfig, run as finetune
+from .plumbing.metrics import read_metrics
 from .model import GPT
-from .plot import loss_svg
-from .progress import Progress, format_duration
-from .tasks import TASKS, builtin_examples, encode_examples, heldout_modules
-from .tokenizer import ENDOFTEXT, Tokenizer
+from .plumbing.plot import loss_svg
+from .plumbing.progress import Progress, format_duration
+from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules
+from .tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from .train import TrainConfig, train
 
 

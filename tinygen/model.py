@@ -29,7 +29,7 @@ import numpy as np
 
 from .attention import attend, causal_attention_backward, causal_attention_forward, merge_heads, split_heads
 from .config import GPTConfig
-from .adapters import adapter_backward, adapter_forward, adapter_names
+from .finetuning.adapters import adapter_backward, adapter_forward, adapter_names
 from .errors import TinygenError
 from .layers import (
     dropout_backward,
@@ -43,9 +43,9 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
-from .lora import LoraCache, LoraSpec, lora_linear_backward, lora_linear_forward
+from .finetuning.lora import LoraCache, LoraSpec, lora_linear_backward, lora_linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
-from .prompt_tuning import NAME as PROMPT, prompt_backward, prompt_forward
+from .finetuning.prompt_tuning import NAME as PROMPT, prompt_backward, prompt_forward
 
 
 def param_shapes(config: GPTConfig) -> dict:

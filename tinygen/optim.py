@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .errors import TinygenError
-from .parallel import ranges
+from .plumbing.parallel import ranges
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
 CHUNK = 1 << 18  # elements per piece of an AdamW update: its five (CHUNK,) float32 slices fit in L2

@@ -25,7 +25,7 @@ import numbers
 
 import numpy as np
 
-from .decode import Decoder
+from .kv_decoding import Decoder
 from .errors import TinygenError
 from .model import check_ids
 

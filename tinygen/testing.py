@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import numpy as np
 
 from .config import GPTConfig
-from .numerical import THRESHOLD, check_layer, check_model, gradcheck
+from .gradient_check import THRESHOLD, check_layer, check_model, gradcheck
 
 __all__ = ["configs", "token_batches", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
 

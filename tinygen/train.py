@@ -39,13 +39,13 @@ from .checkpoint import LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_tr
 from .config import GPTConfig
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
-from .memory import reuse_freed_memory
-from .metrics import MetricsLog, read_metrics, truncate_after
+from .plumbing.memory import reuse_freed_memory
+from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .loss import IGNORE
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import Workers, default_workers, ranges
-from .plot import write_loss_svg
-from .progress import Progress, format_rate
+from .plumbing.parallel import Workers, default_workers, ranges
+from .plumbing.plot import write_loss_svg
+from .plumbing.progress import Progress, format_rate
 
 
 @dataclass(frozen=True)

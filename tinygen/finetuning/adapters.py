@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import gelu_backward, gelu_forward, linear_backward, linear_forward
+from ..layers import gelu_backward, gelu_forward, linear_backward, linear_forward
 
 SITES = ("adapter_attn", "adapter_mlp")
 

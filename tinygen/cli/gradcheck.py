@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..adapters import adapter_backward, adapter_forward, init_adapters
+from ..finetuning.adapters import adapter_backward, adapter_forward, init_adapters
 from ..attention import causal_attention_backward, causal_attention_forward
 from ..config import GPTConfig
 from ..layers import (
@@ -24,11 +24,11 @@ from ..layers import (
     linear_backward,
     linear_forward,
 )
-from ..lora import LoraSpec, init_lora, lora_linear_backward, lora_linear_forward
+from ..finetuning.lora import LoraSpec, init_lora, lora_linear_backward, lora_linear_forward
 from ..loss import cross_entropy_backward, cross_entropy_forward
 from ..model import GPT, block_backward, block_forward, init_params
-from ..numerical import THRESHOLD, check_layer, check_model
-from ..prompt_tuning import init_prompt, prompt_backward, prompt_forward
+from ..gradient_check import THRESHOLD, check_layer, check_model
+from ..finetuning.prompt_tuning import init_prompt, prompt_backward, prompt_forward
 
 
 def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):

@@ -23,10 +23,10 @@ import numpy as np
 import regex
 
 from .bpe import encode_piece, recover_merges, train_merges
-from .errors import TinygenError
-from .fileio import atomic_write_text
-from .pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
-from .vocab_files import read_gpt2, read_tiktoken
+from ..errors import TinygenError
+from ..plumbing.fileio import atomic_write_text
+from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
+from .files import read_gpt2, read_tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
 CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,

@@ -77,9 +77,9 @@ def _check_args(args):
 
 def run(args) -> int:
     from ..checkpoint import load_model
-    from ..finetune import is_finetuned_run, load_run
+    from ..finetuning.finetune import is_finetuned_run, load_run
     from ..sampling import make_rng, stream
-    from ..tokenizer import Tokenizer
+    from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
     # A fine-tuned run holds either a whole model or adapter weights over its base.

@@ -26,7 +26,7 @@ import json
 import os
 import secrets
 
-from .errors import TinygenError
+from ..errors import TinygenError
 
 
 def _temp_path(path: str) -> str:

@@ -30,13 +30,13 @@ from typing import Optional
 import numpy as np
 
 from .adapters import init_adapters
-from .checkpoint import TOKENIZER, load_model
-from .errors import TinygenError
-from .fileio import atomic_write_json, read_json
+from ..checkpoint import TOKENIZER, load_model
+from ..errors import TinygenError
+from ..plumbing.fileio import atomic_write_json, read_json
 from .lora import LoraSpec, init_lora
-from .model import GPT, param_shapes
+from ..model import GPT, param_shapes
 from .prompt_tuning import NAME as PROMPT, init_prompt
-from .safetensors import load_file, load_metadata, save_file
+from ..plumbing.safetensors import load_file, load_metadata, save_file
 
 METHODS = ("full", "lora", "adapter", "prompt")
 ADAPTER_FILE = "adapter.safetensors"
@@ -101,7 +101,7 @@ class FinetuneConfig:
 
     def train_config(self, base):
         """The TrainConfig of the shared loop: the model's shape from the base GPTConfig."""
-        from .train import TrainConfig
+        from ..train import TrainConfig
 
         lr = self.learning_rate
         return TrainConfig(vocab_size=base.vocab_size, block_size=base.block_size, n_layer=base.n_layer,
@@ -267,8 +267,8 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     from .evaluate import capacity, evaluate_tasks
     from .lora import merge
     from .tasks import batches, encode_examples, make_batch
-    from .tokenizer import Tokenizer
-    from .train import train
+    from ..tokenizer.tokenizer import Tokenizer
+    from ..train import train
 
     if os.path.abspath(base_dir) == os.path.abspath(out_dir):
         raise TinygenError(f"--out {out_dir} is the base run directory; fine-tuning never writes its base")

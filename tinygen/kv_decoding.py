@@ -34,7 +34,7 @@ import numpy as np
 from .errors import TinygenError
 from .layers import GELU_A, GELU_K, LN_EPS
 from .model import KVCache, has_hooks
-from .prompt_tuning import NAME as PROMPT
+from .finetuning.prompt_tuning import NAME as PROMPT
 
 
 def _layernorm(x, w, b):

@@ -18,7 +18,7 @@ Shapes: B batch, T time, V vocabulary.
 """
 import numpy as np
 
-from .model import gpt_forward
+from ..model import gpt_forward
 from .prompt_tuning import NAME as PROMPT
 from .tasks import Example, by_task, encode_examples, make_batch
 

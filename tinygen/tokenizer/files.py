@@ -9,7 +9,7 @@ through a byte-to-printable-character map (`gpt2_byte_chars`).
 import base64
 import json
 
-from .errors import TinygenError
+from ..errors import TinygenError
 
 
 def read_tiktoken(path) -> dict:

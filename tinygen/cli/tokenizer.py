@@ -12,8 +12,8 @@ import sys
 import time
 
 from ..errors import TinygenError
-from ..progress import Progress
-from ..tokenizer import ENDOFTEXT, Tokenizer
+from ..plumbing.progress import Progress
+from ..tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 
 
 def add_parser(subparsers):

@@ -22,8 +22,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .errors import TinygenError
-from .layers import dropout_mask
+from ..errors import TinygenError
+from ..layers import dropout_mask
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # PEFT-style module names; "c_proj" means both attn.c_proj and mlp.c_proj
 

@@ -1,17 +1,7 @@
-"""The `tinygen` command: one subcommand per module in `tinygen.commands`.
-
-Each command module has `add_parser(subparsers)`, which registers its flags
-and `set_defaults(run=run)`; `run(args) -> int` is an importable function.
-Bad input (`TinygenError`, a missing file) becomes one line on stderr and
-exit code 2, never a traceback.
-"""
+"""Command-line flags built from config dataclasses: one `--flag` per field, typed as declared."""
 import argparse
 import dataclasses
-import sys
 import typing
-
-from .errors import TinygenError
-from .memory import reuse_freed_memory
 
 
 def add_dataclass_arguments(parser, cls, help: dict, skip=()):
@@ -43,35 +33,3 @@ def dataclass_overrides(args, cls) -> dict:
     """The fields of `cls` that the user gave on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .commands import COMMANDS
-
-    parser = argparse.ArgumentParser(
-        prog="tinygen",
-        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for module in COMMANDS:
-        module.add_parser(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/memory.py
-    try:
-        return int(args.run(args) or 0)
-    except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"tinygen {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"tinygen {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import math
 import numbers
 from xml.sax.saxutils import escape
 
-from .errors import TinygenError
+from ..errors import TinygenError
 from .fileio import atomic_write_text
 
 WIDTH, HEIGHT = 720, 440

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from .errors import TinygenError
+from ..errors import TinygenError
 from .fileio import atomic_write_text
 
 SIGNIFICANT_DIGITS = 6

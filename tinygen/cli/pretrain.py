@@ -16,14 +16,14 @@ import sys
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..cli import add_dataclass_arguments, dataclass_overrides
+from .flags import add_dataclass_arguments, dataclass_overrides
 from ..data import (DataConfig, RandomBatches, builtin_corpus, fixed_batches, load_token_cache,
                     read_documents, split_documents, text_slice, token_cache)
 from ..errors import TinygenError
-from ..fileio import atomic_write_json, read_json
+from ..plumbing.fileio import atomic_write_json, read_json
 from ..model import GPT
-from ..progress import Progress, format_duration
-from ..tokenizer import ENDOFTEXT, Tokenizer
+from ..plumbing.progress import Progress, format_duration
+from ..tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from ..train import HELP, PRESETS, TrainConfig, TrainingDiverged, train
 
 RUN_FORMAT, RUN_VERSION = "tinygen-train-config", 1

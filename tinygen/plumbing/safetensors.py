@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import TinygenError
+from ..errors import TinygenError
 from .fileio import atomic_open
 
 # safetensors dtype -> NumPy dtype of the bytes on disk. The order is the

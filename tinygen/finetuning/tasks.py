@@ -41,8 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import TinygenError
-from .loss import IGNORE
+from ..errors import TinygenError
+from ..loss import IGNORE
 
 TASKS = ("summarize", "name", "args")
 SPLITS = ("train", "val", "test")

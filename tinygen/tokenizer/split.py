@@ -13,7 +13,7 @@ import re
 
 import regex
 
-from .errors import TinygenError
+from ..errors import TinygenError
 
 # Byte-exact copies of tiktoken's r50k (GPT-2) and cl100k (GPT-4) split patterns.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

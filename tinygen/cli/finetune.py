@@ -12,10 +12,10 @@ greedy completions), printed and written to OUT/eval.json.
 import os
 import sys
 
-from ..cli import add_dataclass_arguments, dataclass_overrides
+from .flags import add_dataclass_arguments, dataclass_overrides
 from ..errors import TinygenError
-from ..fileio import read_json
-from ..finetune import FINETUNE_FILE, METHODS, FinetuneConfig, run as finetune
+from ..plumbing.fileio import read_json
+from ..finetuning.finetune import FINETUNE_FILE, METHODS, FinetuneConfig, run as finetune
 
 HELP = {
     "method": f"what to train: {', '.join(METHODS)}",

@@ -8,7 +8,7 @@ pretrained model, full and LoRA; the same from random initialisation; the
 pretrained model few-shot; multi-task vs single-task) and the loss curves
 as SVG. docs/demo.md walks through the report.
 """
-from ..cli import add_dataclass_arguments, dataclass_overrides
+from .flags import add_dataclass_arguments, dataclass_overrides
 from ..demo import TINY, DemoConfig, run as demo
 
 HELP = {

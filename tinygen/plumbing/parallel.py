@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .errors import TinygenError
+from ..errors import TinygenError
 
 # (set, get) symbol pairs of the OpenBLAS builds NumPy ships or links against:
 # plain, 64-bit-integer interface, and the scipy-openblas wheels' prefixed names.
