@@ -1,4 +1,5 @@
 """Checkpoints: HF GPT-2 layout round trip, transformers-style variants, train state."""
+import dataclasses
 import json
 import os
 import struct
@@ -72,7 +73,7 @@ def test_roundtrip_is_exact_and_config_is_gpt2(tmp_path):
 
 
 def test_float64_model_roundtrips(tmp_path):
-    model = tiny_model(config=CONFIG.replace(dtype="float64"))
+    model = tiny_model(config=dataclasses.replace(CONFIG, dtype="float64"))
     save_model(model, tmp_path)
     loaded = load_model(tmp_path)
     assert loaded.config.dtype == "float64"

@@ -1,6 +1,7 @@
 """Fine-tuning end to end on a handful of examples: the loss goes down for every
 method, the base is never written, only trainable tensors get optimizer state,
 adapter files refuse the wrong base, resume, and the command line."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,7 +94,7 @@ def test_adapter_file_refuses_a_different_base(setup, tmp_path):
     other = GPT.from_pretrained(make_base(tmp_path / "other", seed=1))
     with pytest.raises(TinygenError, match="different base model"):
         apply_adapter(other, out / ADAPTER_FILE)
-    wider = GPT(CONFIG.replace(n_embd=32))
+    wider = GPT(dataclasses.replace(CONFIG, n_embd=32))
     with pytest.raises(TinygenError, match="other tensor shapes"):
         apply_adapter(wider, out / ADAPTER_FILE)
     with pytest.raises(TinygenError, match="different base model"):
@@ -118,7 +119,7 @@ def test_resume_equals_uninterrupted(setup):
     root, base, data = setup
     fc = FinetuneConfig(method="adapter", lr=1e-2, adapter_size=4, **{**FAST, "max_steps": 6, "checkpoint_interval": 3})
     run(base, data, root / "whole", fc, progress=False, log=lambda m: None)
-    run(base, data, root / "halves", fc.replace(max_steps=3), progress=False, log=lambda m: None)
+    run(base, data, root / "halves", dataclasses.replace(fc, max_steps=3), progress=False, log=lambda m: None)
     run(base, data, root / "halves", fc, resume=True, progress=False, log=lambda m: None)
     a, b = load_run(root / "whole"), load_run(root / "halves")
     for k in a.params:

@@ -1,5 +1,6 @@
 """The whole model: gradients vs finite differences, HF names and init statistics,
 dtype discipline end to end, input validation, and an overfitting smoke test."""
+import dataclasses
 import math
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_model_gradients_match_finite_differences(config, data):
 
 def test_model_gradients_with_dropout_match_finite_differences():
     """With dropout the masks come from rng: replaying the same seed replays them."""
-    config = SMALL.replace(dropout=0.2, n_layer=1)
+    config = dataclasses.replace(SMALL, dropout=0.2, n_layer=1)
     model = GPT(config, seed=0)
     rng = np.random.default_rng(0)
     idx = rng.integers(0, config.vocab_size, (2, 6))
@@ -67,7 +68,7 @@ def test_loss_and_grads_shapes_and_loss():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_all_targets_ignored_gives_zero_loss_and_zero_grads(dtype):
-    model = GPT(SMALL.replace(dtype=dtype))
+    model = GPT(dataclasses.replace(SMALL, dtype=dtype))
     idx = np.ones((2, 4), dtype=np.int64)
     loss, grads = model.loss_and_grads(idx, np.full((2, 4), IGNORE))
     assert loss == 0.0
@@ -110,21 +111,21 @@ def test_gpt2_init_statistics():
             assert abs(p.std() - std) < 5 * std / math.sqrt(2 * p.size), (name, p.std(), std)
             assert abs(p.mean()) < 5 * std / math.sqrt(p.size), name
     assert GPT(config, seed=3).params["wte.weight"].dtype == np.float64
-    assert GPT(config.replace(dtype="float32")).params["wte.weight"].dtype == np.float32
+    assert GPT(dataclasses.replace(config, dtype="float32")).params["wte.weight"].dtype == np.float32
 
 
 def test_same_seed_same_params_and_params_roundtrip():
     a, b = GPT(SMALL, seed=4), GPT(SMALL, seed=4)
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
     assert not np.array_equal(a.params["wte.weight"], GPT(SMALL, seed=5).params["wte.weight"])
-    c = GPT(SMALL.replace(dtype="float32"), params=a.params)
+    c = GPT(dataclasses.replace(SMALL, dtype="float32"), params=a.params)
     assert all(p.dtype == np.float32 for p in c.params.values())
 
 
 # ------------------------------------------------------------------ dtypes
 def test_float32_mode_never_promotes_to_float64():
     """Logits, every gradient, and every cached intermediate of every layer stay float32."""
-    config = SMALL.replace(dtype="float32", dropout=0.1)
+    config = dataclasses.replace(SMALL, dtype="float32", dropout=0.1)
     model = GPT(config)
     rng = np.random.default_rng(0)
     idx = rng.integers(0, config.vocab_size, (2, 5))
@@ -152,7 +153,7 @@ def test_float32_mode_never_promotes_to_float64():
 def test_float32_and_float64_forwards_agree(config, data):
     idx = data.draw(token_batches(config))
     m64 = GPT(config, seed=data.draw(st.integers(0, 100)))
-    m32 = GPT(config.replace(dtype="float32"), params=m64.params)
+    m32 = GPT(dataclasses.replace(config, dtype="float32"), params=m64.params)
     l32, l64 = m32.forward(idx), m64.forward(idx)
     assert l32.dtype == np.float32 and l64.dtype == np.float64
     np.testing.assert_allclose(l32, l64, rtol=1e-4, atol=1e-5)
@@ -217,7 +218,7 @@ def test_bad_model_arguments_raise():
     with pytest.raises(TinygenError, match="wpe.weight"):
         GPT(SMALL, params={**params, "wpe.weight": np.zeros((5, 8))})
     with pytest.raises(ValueError, match="float64"):
-        check_model(GPT(SMALL.replace(dtype="float32")), np.zeros((1, 2), int), np.zeros((1, 2), int))
+        check_model(GPT(dataclasses.replace(SMALL, dtype="float32")), np.zeros((1, 2), int), np.zeros((1, 2), int))
 
 
 def test_inputs_are_not_mutated():

@@ -1,5 +1,6 @@
 """Prompt tuning: the concat pair against finite differences, virtual positions carry
 no logits and no loss, the context limit counts them, and KV-cache decoding agrees."""
+import dataclasses
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -37,7 +38,7 @@ def test_virtual_positions_are_prepended_and_their_logits_dropped():
     P = model.params[NAME]
     wte = base.params["wte.weight"]
     fake = np.vstack([wte, P])  # ids 13, 14, 15 are the virtual tokens
-    config = CONFIG.replace(vocab_size=16)
+    config = dataclasses.replace(CONFIG, vocab_size=16)
     full, _ = gpt_forward({**base.params, "wte.weight": fake}, np.hstack([np.tile([13, 14, 15], (2, 1)), idx]), config)
     # the tied head would also score the 3 fake rows: compare the real vocabulary only
     np.testing.assert_allclose(logits, full[:, 3:, :13], rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
 """The training loop and `tinygen pretrain`: config checks, resume bit for bit, SIGKILL, Ctrl-C, NaN, CLI errors."""
+import dataclasses
 import json
 import os
 import random
@@ -106,7 +107,7 @@ def tiny_setup(seed=0, dropout=0.0):
 
 def test_overfits_one_batch(tmp_path):
     config, batches, _ = tiny_setup()
-    config = config.replace(max_steps=150, lr=2e-2, min_lr=2e-2, warmup_steps=0, weight_decay=0.0,
+    config = dataclasses.replace(config, max_steps=150, lr=2e-2, min_lr=2e-2, warmup_steps=0, weight_decay=0.0,
                             checkpoint_interval=1000, eval_interval=1000)
     model = GPT(config.model_config(29), seed=0)
     x, y = batches(0)
@@ -117,15 +118,15 @@ def test_overfits_one_batch(tmp_path):
 @pytest.mark.parametrize("dropout, workers", [(0.0, 1), (0.1, 1), (0.1, 2), (0.0, 3)])
 def test_resume_in_process_is_bit_exact(tmp_path, dropout, workers):
     config, batches, val = tiny_setup(dropout=dropout)
-    config = config.replace(workers=workers)
+    config = dataclasses.replace(config, workers=workers)
     full = GPT(config.model_config(29), seed=0)
     train(full, batches, config, tmp_path / "full", val_batches=val, progress=False)
     half = GPT(config.model_config(29), seed=0)
-    first = train(half, batches, config.replace(max_steps=4, lr_decay_steps=8), tmp_path / "half",
+    first = train(half, batches, dataclasses.replace(config, max_steps=4, lr_decay_steps=8), tmp_path / "half",
                   val_batches=val, progress=False)
     assert first.step == 4
     resumed = GPT(config.model_config(29), seed=123)  # other weights: the checkpoint must overwrite them all
-    train(resumed, batches, config.replace(lr_decay_steps=8), tmp_path / "half", val_batches=val,
+    train(resumed, batches, dataclasses.replace(config, lr_decay_steps=8), tmp_path / "half", val_batches=val,
           resume=True, progress=False)
     assert all(np.array_equal(full.params[k], resumed.params[k]) for k in full.params)
     assert rows_without_timing(tmp_path / "full") == rows_without_timing(tmp_path / "half")
@@ -136,9 +137,9 @@ def test_resume_in_process_is_bit_exact(tmp_path, dropout, workers):
 def test_resume_on_another_worker_count_says_so(tmp_path):
     config, batches, _ = tiny_setup()
     model = GPT(config.model_config(29), seed=0)
-    train(model, batches, config.replace(max_steps=4, lr_decay_steps=8, workers=2), tmp_path, progress=False)
+    train(model, batches, dataclasses.replace(config, max_steps=4, lr_decay_steps=8, workers=2), tmp_path, progress=False)
     messages = []
-    train(model, batches, config.replace(lr_decay_steps=8, workers=1), tmp_path, resume=True, progress=False,
+    train(model, batches, dataclasses.replace(config, lr_decay_steps=8, workers=1), tmp_path, resume=True, progress=False,
           log=messages.append)
     assert any("resuming on 1 worker threads, the checkpoint was trained on 2" in m for m in messages)
     assert load_train_state(tmp_path / "train_state.safetensors").info["workers"] == 1
@@ -147,9 +148,9 @@ def test_resume_on_another_worker_count_says_so(tmp_path):
 def test_gradient_accumulation_matches_a_big_batch(tmp_path):
     config, batches, _ = tiny_setup()
     big = GPT(config.model_config(29), seed=0)
-    train(big, batches, config.replace(batch_size=4), tmp_path / "a", progress=False)
+    train(big, batches, dataclasses.replace(config, batch_size=4), tmp_path / "a", progress=False)
     small = GPT(config.model_config(29), seed=0)
-    train(small, batches, config.replace(batch_size=2, grad_accum=2), tmp_path / "b", progress=False)
+    train(small, batches, dataclasses.replace(config, batch_size=2, grad_accum=2), tmp_path / "b", progress=False)
     for k in big.params:
         np.testing.assert_allclose(big.params[k], small.params[k], rtol=2e-4, atol=2e-5)
 
@@ -190,7 +191,7 @@ class NanAt:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, workers):
     config, batches, val = tiny_setup()
-    config = config.replace(workers=workers)  # `workers` calls (shards) per step: one shard of step 5 is NaN
+    config = dataclasses.replace(config, workers=workers)  # `workers` calls (shards) per step: one shard of step 5 is NaN
     model = NanAt(GPT(config.model_config(29), seed=0), bad_call=4 * workers + 1)
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan.*last checkpoint \(step 4\) is intact"):
         train(model, batches, config, tmp_path, val_batches=val, progress=False)

@@ -24,6 +24,7 @@ first and train_state.safetensors last, each atomically, so the train state
 is the commit point: whatever instant a run dies, train_state.safetensors is
 one whole consistent checkpoint, and model.safetensors is that one or newer.
 """
+import dataclasses
 import json
 import os
 from typing import NamedTuple
@@ -73,7 +74,7 @@ def load_model(directory, dtype=None):
     directory = os.fspath(directory)
     config = read_config(directory)
     if dtype is not None:
-        config = config.replace(dtype=dtype)
+        config = dataclasses.replace(config, dtype=dtype)
     path = os.path.join(directory, MODEL)
     if not os.path.isfile(path):
         others = [f for f in ("pytorch_model.bin", "model.safetensors.index.json") if os.path.isfile(os.path.join(directory, f))]

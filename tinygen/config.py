@@ -4,15 +4,86 @@ Field names follow nanoGPT; `to_hf()` / `from_hf()` translate to the names of
 Hugging Face's `GPT2Config` (n_positions, n_ctx, ...), which is what a
 checkpoint's config.json holds.
 """
-from dataclasses import asdict, dataclass
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Optional
 
 import numpy as np
 
 from .errors import TinygenError
 
-LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon; tinygen.layers.layernorm_forward's default
 
 
+# ------------------------------------------------------------------ one validation helper
+# A config dataclass declares each field with `option(default, help, check)`:
+# the help text sits beside the field (the command line's --help reads it),
+# and `validate(self)` in __post_init__ runs every field's check. A check
+# returns None when the value is fine, else what was expected ("a positive integer").
+
+def integer(low: int) -> Callable:
+    """A check: an int (bool excluded, NumPy integers included) >= low."""
+    def check(value):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= low
+        return None if ok else ("a positive integer" if low == 1 else f"an integer >= {low}")
+    return check
+
+
+def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_open=False) -> Callable:
+    """A check: a finite real number (bool excluded) in the interval [low, high], ends open as asked."""
+    def check(value):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if ok:
+            return None
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return "a positive number" if (low, low_open, high) == (0, True, math.inf) else \
+            f"a number in {left}{low:g}, {high:g}{right}"
+    return check
+
+
+def one_of(*choices) -> Callable:
+    """A check: one of the given values."""
+    return lambda value: None if value in choices else "one of " + ", ".join(map(repr, choices))
+
+
+def optional(check: Callable) -> Callable:
+    """A check: None, or a value that passes `check`."""
+    return lambda value: None if value is None else check(value)
+
+
+def boolean(value) -> Optional[str]:
+    """A check: True or False."""
+    return None if isinstance(value, (bool, np.bool_)) else "True or False"
+
+
+POSITIVE, NON_NEGATIVE = integer(1), integer(0)
+PROBABILITY = number(0.0, 1.0, high_open=True)  # a dropout rate: [0, 1)
+
+
+def option(default, help: str, check: Optional[Callable] = None):
+    """A dataclass field with its --help text and its check, read by `validate` and tinygen.cli.flags."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def validate(config) -> None:
+    """Run the check of every field of a config dataclass; raise TinygenError naming the first bad one.
+
+    >>> validate(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    >>> GPTConfig(vocab_size=8, block_size=4, n_layer=True, n_head=1, n_embd=4)
+    Traceback (most recent call last):
+    ...
+    tinygen.errors.TinygenError: GPTConfig.n_layer must be a positive integer, got True
+    """
+    for f in fields(config):
+        check = f.metadata.get("check")
+        expected = check(getattr(config, f.name)) if check else None
+        if expected:
+            raise TinygenError(f"{type(config).__name__}.{f.name} must be {expected}, got {getattr(config, f.name)!r}")
+
+
+# ------------------------------------------------------------------ the model's shape
 @dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT-2 model.
@@ -22,27 +93,20 @@ class GPTConfig:
     and activations ("float32" or "float64").
     """
 
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-    dtype: str = "float32"
+    vocab_size: int = option(None, "size of the vocabulary V, special tokens included", POSITIVE)
+    block_size: int = option(None, "context length T: positions the model sees at once", POSITIVE)
+    n_layer: int = option(None, "transformer blocks L", POSITIVE)
+    n_head: int = option(None, "attention heads H per block (must divide n_embd)", POSITIVE)
+    n_embd: int = option(None, "width C of the residual stream", POSITIVE)
+    dropout: float = option(0.0, "dropout probability while training (0 = off)", PROBABILITY)
+    dtype: str = option("float32", "float32 or float64 parameters and activations", one_of("float32", "float64"))
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise TinygenError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        validate(self)
         if self.n_embd % self.n_head:
             raise TinygenError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise TinygenError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise TinygenError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
     @property
     def head_size(self) -> int:
@@ -54,9 +118,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def replace(self, **changes) -> "GPTConfig":
-        return GPTConfig(**{**asdict(self), **changes})
 
     def to_hf(self) -> dict:
         """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""

@@ -14,6 +14,7 @@ only difference between "pretrained_full" and "scratch_full" is the start.
 The held-out modules are left out of pretraining too: test functions are
 unseen by every stage.
 """
+import dataclasses
 import os
 import sys
 import time
@@ -125,11 +126,11 @@ def finetune_runs(cfg: DemoConfig, out, tok, base_dir, scratch_dir, splits, prog
                           lr=cfg.full_lr, eval_interval=max(1, cfg.finetune_steps // 5),
                           checkpoint_interval=cfg.finetune_steps, eval_examples=cfg.accuracy_examples,
                           seed=cfg.seed)
-    lora = full.replace(method="lora", lr=cfg.lora_lr, lora_rank=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank)
+    lora = dataclasses.replace(full, method="lora", lr=cfg.lora_lr, lora_rank=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank)
     single = [e for e in splits["train"] if e.task == cfg.single_task]
     plan = [("pretrained_full", base_dir, full, splits), ("pretrained_lora", base_dir, lora, splits),
             ("scratch_full", scratch_dir, full, splits),
-            (f"single_{cfg.single_task}", base_dir, full.replace(tasks=cfg.single_task),
+            (f"single_{cfg.single_task}", base_dir, dataclasses.replace(full, tasks=cfg.single_task),
              {"train": single, "val": [e for e in splits["val"] if e.task == cfg.single_task],
               "test": [e for e in splits["test"] if e.task == cfg.single_task]})]
     enc = {s: encode_examples(splits[s], tok, cfg.block_size) for s in ("train", "val")}  # once for all runs

@@ -4,21 +4,23 @@ import dataclasses
 import typing
 
 
-def add_dataclass_arguments(parser, cls, help: dict, skip=()):
+def add_dataclass_arguments(parser, cls, help: dict = None, skip=()):
     """One `--flag` per field of dataclass `cls`, typed as declared; default None.
 
     `--max-steps 0` or `--dropout 0` are real values, so "not given" is None,
     which `dataclass_overrides` drops. Booleans become `--flag/--no-flag`.
+    The help text is the field's own (`tinygen.config.option`); `help` overrides it by name.
     """
+    help = help or {}
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        if not help.get(field.name):  # a programming error: every flag explains itself
+        text = help.get(field.name) or field.metadata.get("help")
+        if not text:  # a programming error: every flag explains itself
             raise ValueError(f"no --help text for {cls.__name__}.{field.name}")
-        text = help[field.name]
         if field.default not in (dataclasses.MISSING, None):  # None: the help text says what it means
             text += f" (default: {field.default})"
         if kind is bool:

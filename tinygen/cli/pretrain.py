@@ -9,6 +9,7 @@ Every step of the way is an importable function: `resolve` (flags -> the
 run's settings), `prepare_data` (documents -> tokenizer and cached token
 arrays), `tinygen.train.train` (the loop), `samples` (greedy continuations).
 """
+import dataclasses
 import math
 import os
 import sys
@@ -114,8 +115,8 @@ def resolve(args) -> dict:
         vocab = _load_tokenizer(tokenizer).vocab_size
         if "vocab_size" in train_over and train_over["vocab_size"] != vocab:
             raise TinygenError(f"--vocab-size {train_over['vocab_size']} differs from --tokenizer's {vocab}")
-        config = config.replace(vocab_size=vocab)
-    config = config.replace(lr_decay_steps=config.decay_steps)  # fixed, so --resume --max-steps keeps it
+        config = dataclasses.replace(config, vocab_size=vocab)
+    config = dataclasses.replace(config, lr_decay_steps=config.decay_steps)  # fixed, so --resume --max-steps keeps it
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "command": "pretrain", "preset": preset,
             "run_dir": args.out or f"runs/pretrain-{preset}",
             "sources": [os.path.abspath(p) for p in args.data] if args.data else None,

@@ -20,6 +20,7 @@ and one sha256 over them) in its metadata, and `load_run` refuses to put
 them on any other base. `finetune.json` records the method, the
 hyperparameters and where the base is.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -158,7 +159,7 @@ def build_model(base: GPT, fc: FinetuneConfig) -> GPT:
     rng = np.random.default_rng([fc.seed, 7])
     params = {k: v.copy() for k, v in base.params.items()}
     params.update(method_params(params, base.config, fc, rng))
-    return GPT(base.config.replace(dropout=fc.dropout), params=params,
+    return GPT(dataclasses.replace(base.config, dropout=fc.dropout), params=params,
                lora=fc.lora_spec() if fc.method == "lora" else None)
 
 
