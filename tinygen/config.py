@@ -67,6 +67,22 @@ def option(default, help: str, check: Optional[Callable] = None):
     return field(default=default, metadata={"help": help, "check": check})
 
 
+def require(name: str, value, check: Callable):
+    """Check one argument of a public function; returns it, or raises TinygenError naming it.
+
+    >>> require("num_beams", 4, POSITIVE)
+    4
+    >>> require("num_beams", 0, POSITIVE)
+    Traceback (most recent call last):
+    ...
+    tinygen.errors.TinygenError: num_beams must be a positive integer, got 0
+    """
+    expected = check(value)
+    if expected:
+        raise TinygenError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
 def validate(config) -> None:
     """Run the check of every field of a config dataclass; raise TinygenError naming the first bad one.
 
@@ -77,10 +93,8 @@ def validate(config) -> None:
     tinygen.errors.TinygenError: GPTConfig.n_layer must be a positive integer, got True
     """
     for f in fields(config):
-        check = f.metadata.get("check")
-        expected = check(getattr(config, f.name)) if check else None
-        if expected:
-            raise TinygenError(f"{type(config).__name__}.{f.name} must be {expected}, got {getattr(config, f.name)!r}")
+        if f.metadata.get("check"):
+            require(f"{type(config).__name__}.{f.name}", getattr(config, f.name), f.metadata["check"])
 
 
 # ------------------------------------------------------------------ the model's shape
