@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..finetuning.adapters import adapter_backward, adapter_forward, init_adapters
+from ..finetuning.adapters import ADAPTER, adapter_backward, adapter_forward, init_adapters
 from ..attention import causal_attention_backward, causal_attention_forward
 from ..config import GPTConfig
 from ..layers import (
@@ -24,11 +24,13 @@ from ..layers import (
     linear_backward,
     linear_forward,
 )
-from ..finetuning.lora import LoraSpec, init_lora, lora_linear_backward, lora_linear_forward
+from ..finetuning.lora import LoraSpec, init_lora, lora_linear, lora_linear_backward, lora_linear_forward
 from ..loss import cross_entropy_backward, cross_entropy_forward
-from ..model import GPT, block_backward, block_forward, init_params
+from ..gpt import GPT
+from ..model import block_backward, block_forward, init_params
+from ..parts import GPT2, make_context
 from ..gradient_check import THRESHOLD, check_layer, check_model
-from ..finetuning.prompt_tuning import init_prompt, prompt_backward, prompt_forward
+from ..finetuning.prompt_tuning import init_prompt, prompt_backward, prompt_embed, prompt_forward
 
 
 def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):
@@ -40,10 +42,10 @@ def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):
     names = ["x"] + list(params)
 
     def forward(x, *weights):
-        return block_forward(x, dict(zip(names[1:], weights)), 0, n_head)
+        return block_forward(x, dict(zip(names[1:], weights)), 0, make_context(config))
 
     def backward(dout, cache):
-        dx, g = block_backward(dout, cache, 0)
+        dx, g = block_backward(dout, cache)
         return (dx, *(g[k] for k in names[1:]))
 
     x = rng.standard_normal((B, T, C))
@@ -111,7 +113,8 @@ def finetune_model_check(seed=0, max_coords=16):
     for k in params:  # the zero-initialised halves (lora_B, adapter up) must be nonzero to test the others
         if k.endswith(("lora_B", "up.weight", "up.bias")):
             params[k] = params[k] + rng.normal(0, 0.3, params[k].shape)
-    model = GPT(config, params=params, lora=spec)
+    parts = GPT2._replace(linear=lora_linear(spec, GPT2.linear), branch=ADAPTER, embed=prompt_embed(GPT2.embed))
+    model = GPT(config, params=params, parts=parts)
     idx = rng.integers(0, config.vocab_size, (2, 6))  # 2 virtual + 6 real positions = block_size
     targets = rng.integers(0, config.vocab_size, (2, 6))
     targets[0, :3] = -1  # prompt positions of a fine-tuning batch

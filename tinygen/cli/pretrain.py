@@ -22,7 +22,7 @@ from ..data import (DataConfig, RandomBatches, builtin_corpus, fixed_batches, lo
                     read_documents, split_documents, text_slice, token_cache)
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_json, read_json
-from ..model import GPT
+from ..gpt import GPT
 from ..plumbing.progress import Progress, format_duration
 from ..tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from ..train import HELP, PRESETS, TrainConfig, TrainingDiverged, train
