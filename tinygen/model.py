@@ -12,10 +12,10 @@ the same keys index gradients, optimizer state and checkpoints.
 `gpt_forward` / `gpt_backward` are the pure pair; `GPT` is a thin holder.
 
 Fine-tuning hooks are data-driven: the same functions apply LoRA to a
-projection when `NAME.lora_A` is in params (tinygen.lora), an adapter after
+projection when `NAME.lora_A` is in params (tinygen.finetuning.lora), an adapter after
 each branch's c_proj when `h.{i}.adapter_attn.*` / `adapter_mlp.*` are
-(tinygen.adapters), and virtual prompt tokens when `prompt.weight` is
-(tinygen.prompt_tuning). A plain checkpoint has none of these keys and
+(tinygen.finetuning.adapters), and virtual prompt tokens when `prompt.weight` is
+(tinygen.finetuning.prompt_tuning). A plain checkpoint has none of these keys and
 takes the plain path. LoRA's scale and dropout are hyperparameters, passed
 as a `LoraSpec`, not stored in params.
 
@@ -116,7 +116,7 @@ def check_ids(idx, config: GPTConfig, what="idx", allow_ignore=False):
 
 def has_hooks(params: dict) -> bool:
     """True when params hold LoRA, adapter or prompt-tuning weights, which only
-    gpt_forward applies (decode.decode_step's fast path knows the plain model only)."""
+    gpt_forward applies (kv_decoding.decode_step's fast path knows the plain model only)."""
     return any(k.endswith(".lora_A") or ".adapter_" in k or k == PROMPT for k in params)
 
 
@@ -344,7 +344,7 @@ class GPT:
         if not isinstance(config, GPTConfig):
             raise TinygenError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        self.lora = lora  # LoraSpec of any LoRA weights in params (tinygen.lora)
+        self.lora = lora  # LoraSpec of any LoRA weights in params (tinygen.finetuning.lora)
         if params is None:
             params = init_params(config, np.random.default_rng(seed))
         else:

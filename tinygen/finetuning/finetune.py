@@ -3,15 +3,15 @@
     base RUN_DIR (config.json, model.safetensors, tokenizer.json)
       + method parameters        LoRA A, B / adapters / prompt embeddings (none for full)
       + trainable(name)          which parameters AdamW updates (and keeps state for)
-      + batches with targets -1  on prompt and padding positions (tinygen.tasks)
+      + batches with targets -1  on prompt and padding positions (tinygen.finetuning.tasks)
       -> tinygen.train.train     the same loop, metrics, checkpoints and resume as pretraining
       -> per-task evaluation     loss and exact-match accuracy on the test split
 
 Methods (docs/finetuning.md has the math and the parameter counts):
     full     every parameter, optionally freezing the embeddings or the lower n blocks
-    lora     low-rank updates of chosen projections (tinygen.lora)
-    adapter  bottleneck adapters after attention and after the MLP (tinygen.adapters)
-    prompt   n virtual token embeddings prepended to every input (tinygen.prompt_tuning)
+    lora     low-rank updates of chosen projections (tinygen.finetuning.lora)
+    adapter  bottleneck adapters after attention and after the MLP (tinygen.finetuning.adapters)
+    prompt   n virtual token embeddings prepended to every input (tinygen.finetuning.prompt_tuning)
 
 The base checkpoint is never written. `full` saves a whole model in the new
 run directory; the other methods save only their own tensors in
@@ -72,7 +72,7 @@ class FinetuneConfig:
     checkpoint_interval: int = 100
     eval_examples: int = 64
     seed: int = 0
-    workers: int = 0  # threads running shards of each batch; 0: one per core (see tinygen.parallel)
+    workers: int = 0  # threads running shards of each batch; 0: one per core (see tinygen.plumbing.parallel)
 
     def __post_init__(self):
         if self.method not in METHODS:
