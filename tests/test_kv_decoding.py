@@ -4,10 +4,10 @@ rows follow a reorder, and prompt-tuned models count their virtual tokens."""
 import numpy as np
 import pytest
 
+from tinygen import GPT, KVCache
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
 from tinygen.kv_decoding import Decoder, decode_step
-from tinygen.model import GPT, KVCache
 from tinygen.sampling import generate
 
 

@@ -6,9 +6,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tinygen import GPT
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
-from tinygen.model import GPT
 from tinygen.sampling import (
     generate,
     min_p_filter,
