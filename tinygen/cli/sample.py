@@ -11,6 +11,7 @@ on stderr and exit code 2.
 """
 import sys
 
+from ..config import NON_NEGATIVE, POSITIVE, require
 from ..errors import TinygenError
 
 
@@ -58,12 +59,9 @@ def _encode_prompt(tokenizer, model, text):
 def _check_args(args):
     from ..sampling import check_sampling_options
 
-    if args.max_new_tokens < 0:
-        raise TinygenError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise TinygenError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.num_beams < 1:
-        raise TinygenError(f"--num-beams must be >= 1, got {args.num_beams}")
+    require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
+    require("--num-samples", args.num_samples, POSITIVE)
+    require("--num-beams", args.num_beams, POSITIVE)
     if args.num_beams > 1:
         given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
         if given:
