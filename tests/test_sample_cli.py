@@ -71,7 +71,7 @@ def test_stop_string_ends_the_text(tinygen, run_dir):
     (["--prompt", "the cat sat on the mat and " * 20], "context"),
     (["--prompt", "the", "--top-p", "1.5"], "top_p"),
     (["--prompt", "the", "--temperature", "-1"], "temperature"),
-    (["--prompt", "the", "--top-k", "0"], "top_k"),
+    (["--prompt", "the", "--top-k", "-1"], "top_k"),
     (["--prompt", "the", "--max-new-tokens", "-1"], "max-new-tokens"),
     (["--prompt", "the", "--num-beams", "2", "--temperature", "0.5"], "--temperature"),
     (["--prompt", "the", "--num-beams", "2", "--num-samples", "3"], "num-samples"),

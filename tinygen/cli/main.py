@@ -8,6 +8,7 @@ exit code 2, never a traceback.
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
 from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinygen",
         description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
     )
+    parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
+                        help="print tinygen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
