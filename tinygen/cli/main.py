@@ -10,6 +10,7 @@ the library leaves to its caller.
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
 from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinygen",
         description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
     )
+    parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
+                        help="print tinygen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
