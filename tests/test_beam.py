@@ -18,13 +18,16 @@ def tiny_model(vocab=3, block=16, seed=1, scale=1.0):
     return model
 
 
-def brute_force(model, prompt, max_new, eos, length_penalty):
-    """Every hypothesis (ends at the first eos or after max_new tokens), best first."""
+def brute_force(model, prompt, max_new, eos, length_penalty, min_new=0):
+    """Every hypothesis (ends at the first eos or after max_new tokens; no eos among the first
+    min_new tokens), best first."""
     V = model.config.vocab_size
     out = []
     for n in range(1, max_new + 1):
         for new in itertools.product(range(V), repeat=n):
             if any(t in eos for t in new[:-1]) or (n < max_new and new[-1] not in eos):
+                continue
+            if any(t in eos for t in new[:min_new]):
                 continue
             seq = list(prompt) + list(new)
             logp = log_softmax(model.forward(np.array([seq[:-1]]))[0])  # (T+n-1, V)
@@ -123,6 +126,24 @@ def test_cache_and_sliding_window_agree_with_recomputation():
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-10)
 
 
+@pytest.mark.parametrize("min_new", [1, 2, 3, 5])
+def test_min_new_tokens_is_exhaustive_search_without_early_eos(min_new):
+    """eos gets log-probability -inf for the first min_new tokens (not renormalised, as
+    transformers' processor on log-probs): the search equals brute force over the hypotheses
+    with no eos among their first min_new tokens."""
+    model = tiny_model()
+    prompt, max_new, K = [1], 4, 3 ** 4
+    expected = brute_force(model, prompt, max_new, (2,), 1.0, min_new)
+    result = beam_search(model, prompt, max_new, K, eos_id=2, early_stopping="never",
+                         num_return_sequences=len(expected), min_new_tokens=min_new)
+    got = [tuple(int(t) for t in result.ids[j, 1:1 + result.lengths[j]]) for j in range(len(expected))]
+    assert got == [h for _, h in expected]
+    assert np.allclose(result.scores, [s for s, _ in expected])
+    assert all(2 not in h[:min_new] for h in got)
+    plain = beam_search(model, prompt, max_new, 2, eos_id=2)
+    assert np.array_equal(beam_search(model, prompt, max_new, 2, eos_id=2, min_new_tokens=0).ids, plain.ids)
+
+
 def test_one_prompt_shapes_and_no_mutation():
     model = tiny_model(vocab=6)
     prompt = np.array([1, 2, 3])
@@ -137,6 +158,8 @@ def test_one_prompt_shapes_and_no_mutation():
     (dict(num_beams=0), "num_beams"), (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping"), (dict(num_beams=2, eos_id=99), "eos_id"),
     (dict(num_beams=2, length_penalty=float("inf")), "length_penalty"), (dict(num_beams=2, max_new_tokens=-1), "max_new_tokens"),
+    (dict(num_beams=2, min_new_tokens=-1), "min_new_tokens"),
+    (dict(num_beams=2, min_new_tokens=1, eos_id=[0, 1, 2]), "would suppress every token"),
 ])
 def test_invalid_arguments(options, match):
     options = {"max_new_tokens": 3, **options}

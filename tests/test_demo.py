@@ -41,15 +41,28 @@ def test_tiny_demo_writes_report(tmp_path):
     assert "report:" in done.stdout and "[6/6] report" in done.stderr
     report = json.loads((out / "report.json").read_text())
     assert set(report["tasks"]) == {"summarize", "name", "args"}
-    for row in report["tasks"].values():
+    field = {"summarize": {"rouge_l", "bleu4"}, "name": {"subtoken_precision", "subtoken_recall", "subtoken_f1"},
+             "args": {"args_f1"}}
+    for task, row in report["tasks"].items():
         assert set(row) == COLUMNS
         for scores in row.values():
             assert scores["val_loss"] > 0 and 0.0 <= scores["accuracy"] <= 1.0
+            assert set(scores["scores"]) == {"val_loss", "exact_match"} | field[task]
+            for value, low, high in scores["scores"].values():
+                assert low <= value <= high
+        diffs = report["differences"][task]
+        assert set(diffs) == {"pretrained_lora", "scratch_full", "few_shot"}
+        for d in diffs["scratch_full"].values():
+            assert d["low"] <= d["difference"] <= d["high"] and d["beyond_noise"] == (d["low"] > 0 or d["high"] < 0)
+    for sample in report["samples"]:
+        assert {"greedy", "greedy_min1", "sampled", "scores"} <= set(sample)
+        assert sample["greedy_min1"] != ""  # min_new_tokens=1: at least one token before end-of-text
     comparison = report["multi_task_vs_single"]["name"]
     assert set(comparison) >= {"multi_task", "single_task"}
     assert report["elapsed_s"] > 0 and set(report["pretrained_beats_scratch"]) == set(report["tasks"])
     text = (out / "report.md").read_text()
     assert text == report_markdown(report) and "## summarize" in text and "few_shot" in text
+    assert "ROUGE-L F1" in text and "subtoken F1" in text and "beyond noise" in text and "greedy_min1" in text
     for svg in ("finetune_loss.svg", "pretrain/loss.svg"):
         assert (out / svg).read_text().startswith("<svg")
     for run in ("pretrained_full", "pretrained_lora", "scratch_full", "single_name"):
@@ -104,3 +117,13 @@ def test_demo_config_names_the_bad_field():
         with pytest.raises(TinygenError, match=message):
             DemoConfig(**{field: value})
     assert DemoConfig(train_examples=np.int64(5)).train_examples == 5
+
+
+def test_presets_are_valid_configs_and_tiny_conflicts_with_another(capsys):
+    from tinygen.demo import LONG, PRESETS
+    for values in PRESETS.values():
+        DemoConfig(**values)
+    long = DemoConfig(**LONG)
+    assert long.n_layer > DemoConfig().n_layer and long.pretrain_steps > DemoConfig().pretrain_steps
+    assert main(["demo", "--tiny", "--preset", "long"]) == 2
+    assert "--tiny is --preset tiny" in capsys.readouterr().err

@@ -31,6 +31,8 @@ def test_jsonl_roundtrip_skips_blank_lines(tmp_path):
     ('{"prompt": 3, "completion": "b"}', '"prompt" must be a string'),
     ('{"prompt": "a", "completion": ""}', '"completion" is empty'),
     ('{"prompt": "a", "completion": "b", "task": 7}', '"task" must be a non-empty string'),
+    ('{"prompt": "a", "completion": "b", "metric": "bleu"}', "unknown metric 'bleu'; choose from exact_match"),
+    ('{"prompt": "a", "completion": "b", "metric": [1]}', '"metric" must be a metric name or a list'),
 ])
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -39,6 +41,23 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     with pytest.raises(TinygenError) as err:
         read_jsonl(path)
     assert f"{path}:3:" in str(err.value) and message in str(err.value)
+
+
+def test_jsonl_tasks_name_their_metric(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [{"prompt": "a", "completion": " b", "task": "sum", "metric": "rouge_l"},
+             {"prompt": "c", "completion": " d", "task": "sum", "metric": "rouge_l"},
+             {"prompt": "e", "completion": " f", "task": "fn", "metric": ["subtoken", "exact_match"]},
+             {"prompt": "g", "completion": " h"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    examples = read_jsonl(path)
+    assert [e.metrics for e in examples] == [("rouge_l",), ("rouge_l",), ("subtoken", "exact_match"), ()]
+    write_jsonl(tmp_path / "again.jsonl", examples)
+    assert read_jsonl(tmp_path / "again.jsonl") == examples
+    lines[1]["metric"] = "bleu4"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(TinygenError, match="task 'sum' is scored by \\['rouge_l'\\] on one line and \\['bleu4'\\]"):
+        read_jsonl(path)
 
 
 def test_empty_jsonl_is_an_error(tmp_path):

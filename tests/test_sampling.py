@@ -12,6 +12,7 @@ from tinygen.errors import TinygenError
 from tinygen import GPT
 from tinygen.sampling import (
     generate,
+    suppress_tokens,
     min_p_filter,
     penalize_repeats,
     process_logits,
@@ -302,6 +303,59 @@ def test_stop_strings_with_a_tokenizer():
     assert np.array_equal(out, full[:2 + first + len(stop)])  # ids keep the tokens of the stop string
     streamed = "".join(stream(model, tok, [65, 66], 20, temperature=0, stop=stop))
     assert streamed == text[:first]  # the text stops just before it
+
+
+# ------------------------------------------------------------ min_new_tokens
+def test_suppress_tokens_known_answer_and_no_mutation():
+    logits = np.array([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
+    out = suppress_tokens(logits, [0, 1])
+    assert out.tolist() == [[-np.inf, -np.inf, 0.5], [-np.inf, -np.inf, 1.0]] and logits[0, 0] == 2.0
+
+
+def test_min_new_tokens_overrules_an_eos_that_wins_the_first_step():
+    """The demo's empty greedy completions: end-of-text is the argmax at the first step.
+    With min_new_tokens=k the first k new tokens are never a stop id, and from then on the
+    rows decode as before (transformers' MinNewTokensLengthLogitsProcessor)."""
+    model = tiny_model()
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    first = generate(model, prompt, 1, temperature=0)[:, 3]
+    stops = sorted(set(first.tolist()))
+    assert generate(model, prompt, 8, temperature=0, stop=stops).shape == (2, 4)  # both rows end at once
+    for k in (1, 3, 8):
+        out = generate(model, prompt, 8, temperature=0, stop=stops, min_new_tokens=k)
+        assert out.shape[1] >= 3 + k
+        assert not np.isin(out[:, 3:3 + k], stops).any()
+        # the first k tokens are the argmax among the other tokens
+        logits = model.forward(prompt)[:, -1]
+        assert np.array_equal(out[:, 3], suppress_tokens(logits, stops).argmax(axis=-1))
+
+
+@given(seed=st.integers(0, 2**16), k=st.integers(0, 6))
+def test_sampled_rows_never_stop_before_min_new_tokens(seed, k):
+    model = tiny_model(vocab=5)
+    out = generate(model, [[1, 2], [3, 4]], 6, seed=seed, stop=[0, 1], min_new_tokens=k, pad_id=-1)
+    for row in out:
+        new = row[2:][row[2:] >= 0]
+        assert not np.isin(new[:k], [0, 1]).any()
+        assert len(new) >= min(k + 1, 6) or not np.isin(new, [0, 1]).any()
+
+
+def test_min_new_tokens_zero_is_the_default_and_stream_agrees():
+    model = tiny_model(vocab=128, embd=16, scale=0.3)
+    tok = ByteTokenizer()
+    ids = generate(model, [65, 66], 10, seed=3, stop=[10], min_new_tokens=0)
+    assert np.array_equal(ids, generate(model, [65, 66], 10, seed=3, stop=[10]))
+    held = generate(model, [65, 66], 10, seed=3, stop=[10], min_new_tokens=4)
+    assert "".join(stream(model, tok, [65, 66], 10, seed=3, stop=[10], min_new_tokens=4)) == tok.decode(
+        [t for t in held[2:] if t != 10])
+
+
+@pytest.mark.parametrize("k, stop, match", [(-1, [0], "min_new_tokens must be an integer >= 0"),
+                                            (1.5, [0], "min_new_tokens"),
+                                            (1, list(range(11)), "would suppress every token")])
+def test_min_new_tokens_errors(k, stop, match):
+    with pytest.raises(TinygenError, match=match):
+        generate(tiny_model(), [1, 2], 3, stop=stop, min_new_tokens=k)
 
 
 # ------------------------------------------------------------ streaming

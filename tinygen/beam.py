@@ -80,7 +80,8 @@ def _add(hyps, num_beams, score, ids, length):
 
 
 def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, early_stopping=False,
-                eos_id=None, num_return_sequences=1, use_cache=True, pad_id=-1, window_keep=None):
+                eos_id=None, num_return_sequences=1, use_cache=True, pad_id=-1, window_keep=None,
+                min_new_tokens=0):
     """The num_return_sequences best continuations of each prompt, by beam search.
 
     idx (B, T) equal-length prompts or one prompt (T,); eos_id: an id or ids
@@ -88,10 +89,17 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, early
     Returns a BeamResult; with a 1-D prompt its arrays lose the B axis.
     The KV cache is permuted along with the beams (Decoder.reorder); the
     sliding window and use_cache behave as in sampling.generate.
+    min_new_tokens: eos gets log-probability -inf until a hypothesis has this
+    many new tokens (transformers' MinNewTokensLengthLogitsProcessor on the
+    log-probs), so no hypothesis finishes before then except at max_new_tokens.
     """
     prompt = check_prompt(model, idx)
     V = model.config.vocab_size
     eos = _check(max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos_id, V)
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, numbers.Integral) or min_new_tokens < 0:
+        raise TinygenError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    if min_new_tokens and eos and len(set(eos)) == V:
+        raise TinygenError(f"min_new_tokens={min_new_tokens} would suppress every token: all {V} are eos")
     B, T = prompt.shape
     K, N = num_beams, max_new_tokens
     is_eos = np.zeros(V, dtype=bool)
@@ -105,7 +113,10 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, early
     decoder = Decoder(model, B * K, use_cache, window_keep)
     for g in range(N):  # g tokens generated so far
         n = T + g
-        cand = scores[:, :, None] + log_softmax(decoder.next_logits(seqs, n)).reshape(B, K, V)
+        logp = log_softmax(decoder.next_logits(seqs, n))  # (B*K, V)
+        if g < min_new_tokens:
+            logp[:, eos] = -np.inf  # too short to end
+        cand = scores[:, :, None] + logp.reshape(B, K, V)
         cand = cand.reshape(B, K * V)  # candidate r = beam r // V extended by token r % V
         order = np.argsort(-cand, axis=1, kind="stable")  # (B, K*V) best first
         last = g + 1 == N

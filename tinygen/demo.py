@@ -7,9 +7,12 @@
                  runs it: OUT/pretrain resumes with `tinygen pretrain --resume`)
     4 fine-tune  multi-task, from the pretrained model (full and LoRA) and
                  from a random initialisation (full); single-task on one task
-    5 evaluate   per task on the test split: loss and exact-match accuracy;
-                 the pretrained model few-shot (k solved examples in the prompt)
-    6 report     OUT/report.md, OUT/report.json, loss curves as SVG
+    5 evaluate   per task on the test split: loss, exact match and the task's own
+                 metric (subtoken F1, ROUGE-L and BLEU-4, parameter-name F1), each
+                 with a bootstrap 95% interval; the pretrained model few-shot
+                 (k solved examples in the prompt); greedy and sampled completions
+    6 report     OUT/report.md, OUT/report.json, loss curves as SVG; which
+                 differences between runs are beyond noise (paired bootstrap)
 
 Every fine-tuning run uses the same data, steps and learning rate, so the
 only difference between "pretrained_full" and "scratch_full" is the start.
@@ -28,7 +31,8 @@ import numpy as np
 from .config import NON_NEGATIVE, POSITIVE, number, one_of, optional, option, validate
 from .data import DataConfig
 from .errors import TinygenError
-from .finetuning.evaluate import evaluate_tasks, few_shot_examples, greedy_complete
+from .finetuning.evaluate import evaluate_tasks, few_shot_examples, task_metrics
+from .finetuning.metrics import LOSS, beyond_noise, example_stats, paired_bootstrap, values
 from .finetuning.finetune import FinetuneConfig, run as finetune
 from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules
 from .gpt import GPT
@@ -38,6 +42,7 @@ from .plumbing.plot import loss_svg
 from .plumbing.progress import format_duration
 from .plumbing.rundir import METRICS, TOKENIZER
 from .pretrain import RunSettings, pretrain
+from .sampling import generate
 from .train import TrainConfig
 
 # OUT/: the demo's own files; each run directory inside it has the files of tinygen.plumbing.rundir
@@ -82,6 +87,14 @@ class DemoConfig:
 TINY = dict(vocab_size=300, block_size=96, n_layer=1, n_head=2, n_embd=32, corpus_bytes=150_000,
             tokenizer_bytes=50_000, pretrain_steps=30, pretrain_batch=4, finetune_steps=8, finetune_batch=4,
             eval_examples=8, accuracy_examples=2, train_examples=100)
+# About an hour on 2 cores, estimated from the default's step time (not yet measured): a model of
+# ~3M parameters (3.2x the default's per step), 3.3x the pretraining steps on twice the corpus,
+# 3.2x the fine-tuning steps, and three times the decoded test examples (narrower intervals).
+LONG = dict(vocab_size=2048, n_layer=6, n_head=6, n_embd=192, corpus_bytes=16_000_000, tokenizer_bytes=2_000_000,
+            pretrain_steps=6000, finetune_steps=800, eval_examples=400, accuracy_examples=150)
+PRESETS = {"default": {}, "tiny": TINY, "long": LONG}
+SAMPLE_OPTIONS = dict(temperature=0.8, top_p=0.95)  # the sampled completion of the report's samples
+COMPARED = ("pretrained_lora", "scratch_full", "few_shot")  # each against pretrained_full, paired
 
 
 def say(message: str) -> None:
@@ -169,7 +182,8 @@ def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> di
     t = time.perf_counter()
     shots = few_shot_examples(splits["test"], splits["train"], cfg.few_shot_k)
     few = evaluate_tasks(base, tok, shots, cfg.accuracy_examples, cut_newline=True)
-    examples = sample_completions(GPT.from_pretrained(os.path.join(out, "pretrained_full")), tok, splits["test"])
+    examples = sample_completions(GPT.from_pretrained(os.path.join(out, "pretrained_full")), tok, splits["test"],
+                                  seed=cfg.seed)
     times["evaluate_s"] = time.perf_counter() - t
     report = build_report(cfg, runs, few, times, time.perf_counter() - t_start, examples)
     say("[6/6] report")
@@ -178,34 +192,72 @@ def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> di
     return report
 
 
-def sample_completions(model, tok, test, per_task=2) -> list:
-    """Greedy completions of the first test prompts of each task: [(task, prompt, reference, generated)]."""
+def sample_completions(model, tok, test, per_task=2, max_new_tokens=32, seed=0) -> list:
+    """For the first test prompts of each task, three completions of the same prompt:
+    greedy; greedy with min_new_tokens=1 (end-of-text may not win the first step); and sampled
+    (SAMPLE_OPTIONS, seeded). [{"task", "prompt", "reference", "greedy", "greedy_min1", "sampled",
+    "scores": {"greedy": {...}, ...}}], scored by the task's metrics."""
     picked = [e for task in TASKS for e in [x for x in test if x.task == task][:per_task]]
-    outs = greedy_complete(model, [tok.encode(e.prompt) for e in picked], 32, {tok.eot_id})
-    return [(e.task, e.prompt, e.completion, tok.decode(o)) for e, o in zip(picked, outs)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in picked:
+        ids = tok.encode(e.prompt)[-(model.config.block_size - max_new_tokens):]
+        runs = {"greedy": dict(temperature=0), "greedy_min1": dict(temperature=0, min_new_tokens=1),
+                "sampled": dict(SAMPLE_OPTIONS, seed=rng)}
+        row = {"task": e.task, "prompt": e.prompt, "reference": e.completion}
+        for name, options in runs.items():
+            new = generate(model, np.array(ids), max_new_tokens, stop=[tok.eot_id], **options)[len(ids):]
+            row[name] = tok.decode([t for t in new.tolist() if t != tok.eot_id])
+        metrics = [m for m in task_metrics(e.task, [e]) if m != "exact_match"]
+        row["scores"] = {name: {k: round(v, 3) for m in metrics
+                                for k, v in values(m, example_stats(m, [row[name]], [e.completion])).items()}
+                         for name in runs}
+        out.append(row)
+    return out
 
 
 def build_report(cfg, runs, few, times, elapsed, examples) -> dict:
-    tasks = {}
-    for task in TASKS:
-        row = {name: _scores(runs[name]["eval"], task) for name in ("pretrained_full", "pretrained_lora", "scratch_full")}
-        row["few_shot"] = _scores(few, task)
-        tasks[task] = row
+    evals = {name: runs[name]["eval"] for name in ("pretrained_full", "pretrained_lora", "scratch_full")}
+    evals["few_shot"] = few
+    tasks = {task: {name: _scores(table, task) for name, table in evals.items()} for task in TASKS}
+    differences = {task: {other: _differences(evals["pretrained_full"].get(task), table.get(task))
+                          for other, table in evals.items() if other in COMPARED} for task in TASKS}
     single = f"single_{cfg.single_task}"
-    comparison = {cfg.single_task: {"multi_task": _scores(runs["pretrained_full"]["eval"], cfg.single_task),
-                                    "single_task": _scores(runs[single]["eval"], cfg.single_task),
+    multi_eval, single_eval = runs["pretrained_full"]["eval"], runs[single]["eval"]
+    comparison = {cfg.single_task: {"multi_task": _scores(multi_eval, cfg.single_task),
+                                    "single_task": _scores(single_eval, cfg.single_task),
+                                    "difference": _differences(multi_eval.get(cfg.single_task),
+                                                               single_eval.get(cfg.single_task)),
                                     "steps": cfg.finetune_steps}}
     beat = {t: tasks[t]["pretrained_full"]["val_loss"] < tasks[t]["scratch_full"]["val_loss"] for t in TASKS}
-    return {"tasks": tasks, "multi_task_vs_single": comparison, "pretrained_beats_scratch": beat,
+    return {"tasks": tasks, "differences": differences, "multi_task_vs_single": comparison,
+            "pretrained_beats_scratch": beat,
             "elapsed_s": round(elapsed, 1), "stage_seconds": {k: round(v, 1) for k, v in times.items()},
             "run_seconds": {k: round(v["seconds"], 1) for k, v in runs.items()},
-            "config": asdict(cfg), "samples": [dict(zip(("task", "prompt", "reference", "generated"), s))
-                                                 for s in examples]}
+            "config": asdict(cfg), "samples": examples}
 
 
 def _scores(table, task) -> dict:
+    """{"val_loss", "accuracy", "scores": {value: [value, low, high]}} of one run on one task."""
     s = table.get(task, {})
-    return {"val_loss": s.get("val_loss"), "accuracy": s.get("accuracy")}
+    return {"val_loss": s.get("val_loss"), "accuracy": s.get("accuracy"), "scores": s.get("scores", {})}
+
+
+def _differences(a, b) -> dict:
+    """{value: {"difference": a - b, "low", "high", "beyond_noise"}}: run a against run b on the same
+    test examples, a paired bootstrap per metric (metrics.paired_bootstrap)."""
+    if not a or not b:
+        return {}
+    out = {}
+    for metric, stats_a in a.get("stats", {}).items():
+        stats_b = b.get("stats", {}).get(metric)
+        if stats_b is None or len(stats_a) != len(stats_b) or not stats_a:
+            continue
+        diffs = paired_bootstrap(LOSS if metric == "loss" else metric, np.array(stats_a), np.array(stats_b))
+        for name, d in diffs.items():
+            out[name] = {"difference": round(d.value, 4), "low": round(d.low, 4), "high": round(d.high, 4),
+                         "beyond_noise": beyond_noise(d)}
+    return out
 
 
 def write_report(out, report, runs) -> None:
@@ -219,28 +271,84 @@ def write_report(out, report, runs) -> None:
     atomic_write_text(os.path.join(out, REPORT_MD), report_markdown(report))
 
 
+VALUE_NAMES = {"val_loss": "loss", "exact_match": "exact match", "subtoken_precision": "subtoken precision",
+               "subtoken_recall": "subtoken recall", "subtoken_f1": "subtoken F1", "rouge_l": "ROUGE-L F1",
+               "bleu4": "BLEU-4", "args_f1": "parameter-name F1"}
+
+
+def _cell(scores, name) -> str:
+    """"0.412 [0.35, 0.47]", or the bare value when there is no interval."""
+    v = scores.get(name)
+    return "" if v is None else f"{v[0]:.3f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def _say_difference(name, d) -> str:
+    """One difference in words: "loss -1.705 [-1.80, -1.62]: beyond noise"."""
+    word = "beyond noise" if d["beyond_noise"] else "within noise"
+    return f"{VALUE_NAMES.get(name, name)} {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: {word}"
+
+
+def _differences_markdown(diffs) -> list:
+    """A table of pretrained_full minus each other run, and which differences are beyond noise, in words."""
+    diffs = {other: d for other, d in diffs.items() if d}
+    if not diffs:
+        return []
+    names = list(next(iter(diffs.values())))
+    lines = ["pretrained_full minus each other run, on the same test examples (paired bootstrap 95% interval; "
+             "\\* = beyond noise, the interval leaves out 0):", "",
+             "| | " + " | ".join(VALUE_NAMES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for other, d in diffs.items():
+        cells = [f"{d[n]['difference']:+.3f} [{d[n]['low']:+.3f}, {d[n]['high']:+.3f}]"
+                 + (" \\*" if d[n]["beyond_noise"] else "") if n in d else "" for n in names]
+        lines.append(f"| − {other} | " + " | ".join(cells) + " |")
+    beyond = [f"{VALUE_NAMES.get(n, n)} vs {other} ({'better' if (x['difference'] < 0) == (n == 'val_loss') else 'worse'})"
+              for other, d in diffs.items() for n, x in d.items() if x["beyond_noise"]]
+    lines += ["", ("Beyond noise: pretrained_full's " + "; ".join(beyond) + ". Every other difference is within "
+                   "noise: these test examples cannot tell those runs apart.") if beyond else
+              "No difference is beyond noise: these test examples cannot tell the runs apart.", ""]
+    return lines
+
+
 def report_markdown(report) -> str:
     cols = ("pretrained_full", "pretrained_lora", "scratch_full", "few_shot")
     lines = ["# tinygen demo report", "",
              f"Wall time {format_duration(report['elapsed_s'])} "
              f"({', '.join(f'{k[:-2]} {v:.0f}s' for k, v in report['stage_seconds'].items())}).", "",
-             "Held-out (test-split) loss per completion token and exact-match accuracy of greedy completions.",
-             "Columns: fine-tuned from the pretrained model (full, LoRA), fine-tuned from random "
-             "initialisation (full), the pretrained model few-shot with no training.", ""]
+             "Held-out (test-split) scores of greedy completions: the loss per completion token (lower is "
+             "better), exact match, and each task's own metric (higher is better), each with a bootstrap 95% "
+             "interval over the test examples in brackets. Columns: fine-tuned from the pretrained model (full, "
+             "LoRA), fine-tuned from random initialisation (full), the pretrained model few-shot with no training.",
+             ""]
     for task, row in report["tasks"].items():
         beat = "yes" if report["pretrained_beats_scratch"][task] else "NO"
-        lines += [f"## {task}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-                  "| loss | " + " | ".join(f"{row[c]['val_loss']:.3f}" for c in cols) + " |",
-                  "| accuracy | " + " | ".join(f"{row[c]['accuracy']:.1%}" for c in cols) + " |", "",
-                  f"Pretrained beats scratch on held-out loss: {beat}.", ""]
+        names = list(row["pretrained_full"].get("scores") or {"val_loss": 0, "exact_match": 0})
+        lines += [f"## {task}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        if not row["pretrained_full"].get("scores"):  # a report without intervals
+            lines += ["| loss | " + " | ".join(f"{row[c]['val_loss']:.3f}" for c in cols) + " |",
+                      "| accuracy | " + " | ".join(f"{row[c]['accuracy']:.1%}" for c in cols) + " |"]
+        for name in names if row["pretrained_full"].get("scores") else ():
+            lines.append(f"| {VALUE_NAMES.get(name, name)} | "
+                         + " | ".join(_cell(row[c].get("scores", {}), name) for c in cols) + " |")
+        lines += ["", f"Pretrained beats scratch on held-out loss: {beat}.", ""]
+        lines += _differences_markdown(report.get("differences", {}).get(task, {}))
     lines += ["## Multi-task vs single-task fine-tuning (full, from the pretrained model, same steps)", ""]
     for task, c in report["multi_task_vs_single"].items():
         lines += [f"| {task} | loss | accuracy |", "|---|---|---|",
                   f"| multi-task | {c['multi_task']['val_loss']:.3f} | {c['multi_task']['accuracy']:.1%} |",
                   f"| single-task | {c['single_task']['val_loss']:.3f} | {c['single_task']['accuracy']:.1%} |", ""]
-    lines += ["## Samples (fine-tuned from pretrained, full, greedy)", ""]
+        if c.get("difference"):
+            lines += ["multi − single: " + "; ".join(_say_difference(n, d) for n, d in c["difference"].items())
+                      + ".", ""]
+    lines += ["## Samples (fine-tuned from pretrained, full): greedy, greedy with min_new_tokens=1, sampled", "",
+              "Greedy decoding takes the most likely token; when that is end-of-text at the first step the "
+              "completion is empty. `min_new_tokens=1` forbids end-of-text until one token is out (Hugging "
+              f"Face's option of that name); sampling ({', '.join(f'{k}={v}' for k, v in SAMPLE_OPTIONS.items())}) "
+              "draws from the distribution instead.", ""]
     for s in report["samples"]:
-        lines += ["```text", s["prompt"] + s["generated"], "```",
-                  f"reference: `{s['reference'].strip()}`", ""]
+        lines += ["```text", s["prompt"], "```", f"reference: `{s['reference'].strip()}`", ""]
+        for name in ("greedy", "greedy_min1", "sampled"):
+            score = ", ".join(f"{VALUE_NAMES.get(k, k)} {v:.2f}" for k, v in s.get("scores", {}).get(name, {}).items())
+            lines.append(f"- {name}: {s[name].strip()!r}" + (f" ({score})" if score else ""))
+        lines.append("")
     lines += ["Loss curves: `pretrain/loss.svg`, `finetune_loss.svg`; numbers: `report.json`.", ""]
     return "\n".join(lines)

@@ -59,3 +59,23 @@ def cross_entropy_backward(dloss, cache):
     np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(probs, targets[..., None], -1) - 1.0, axis=-1)
     dlogits *= (counted * (dloss / n)).astype(probs.dtype)[..., None]
     return (dlogits,)
+
+
+def token_losses(logits, targets):
+    """-log softmax(logits)[target] at each position (B, T), float64, 0 where the target is IGNORE.
+
+    The per-position terms whose mean is cross_entropy_forward's loss: for
+    scoring examples one by one (held-out loss per example, the infilling loss
+    of the middle alone). No backward: evaluation only.
+
+    >>> token_losses(np.log([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]), np.array([[1, IGNORE]])).round(4)
+    array([[1.3863, 0.    ]])
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if targets.shape != logits.shape[:-1]:
+        raise TinygenError(f"targets shape {targets.shape} must match logits' leading shape {logits.shape[:-1]}")
+    m = logits.max(axis=-1, keepdims=True)  # (B, T, 1)
+    lse = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]  # (B, T)
+    counted = targets != IGNORE
+    picked = np.take_along_axis(logits, np.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
+    return np.where(counted, lse - picked, 0.0)

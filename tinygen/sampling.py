@@ -4,8 +4,11 @@ Each step turns the model's last logits (B, V) into one token per row. The
 logits pass through small pure processors, in Hugging Face transformers'
 order (docs/sampling.md shows each on a worked example):
 
-    penalize_repeats -> temperature_scale -> top_k_filter -> top_p_filter -> min_p_filter -> sample
+    penalize_repeats -> suppress_tokens -> temperature_scale -> top_k_filter -> top_p_filter -> min_p_filter -> sample
 
+suppress_tokens acts only while a row has fewer than `min_new_tokens` new
+tokens: it takes the stop tokens out of the running (transformers'
+MinNewTokensLengthLogitsProcessor, which sits in the same place).
 `temperature=0` is greedy: the argmax after the repetition penalty (the
 filters always keep the argmax, so they change nothing). Processors return new
 float64 arrays; none modifies its input, and `generate` returns a new array.
@@ -53,6 +56,20 @@ def penalize_repeats(logits, ids, penalty):
     seen[np.arange(logits.shape[0])[:, None], ids] = True
     penalized = np.where(logits < 0, logits * penalty, logits / penalty)
     return np.where(seen, penalized, logits)
+
+
+def suppress_tokens(logits, token_ids):
+    """The logits with the given token ids at -inf: they cannot be picked, greedy or sampled.
+
+    `min_new_tokens` applies it to the stop tokens (end-of-text) until a row
+    has that many new tokens. logits (B, V) -> (B, V) float64.
+
+    >>> suppress_tokens(np.array([[2.0, 1.0, 0.5]]), [0])
+    array([[-inf,  1. ,  0.5]])
+    """
+    logits = np.array(logits, dtype=np.float64)
+    logits[:, list(token_ids)] = -np.inf
+    return logits
 
 
 def temperature_scale(logits, temperature):
@@ -204,8 +221,17 @@ def parse_stop(stop, tokenizer=None):
     return ids, texts
 
 
+def require_causal(config, what="generation"):
+    """Raise TinygenError unless the model is causal: a masked language model (GPTConfig.causal False)
+    was trained to fill in masked positions seeing both sides, not to continue text left to right."""
+    if not getattr(config, "causal", True):
+        raise TinygenError(f"this is a masked language model (causal=False): it cannot generate left to right, "
+                           f"so {what} does not apply; fill in <|mask|> tokens with `tinygen fill-mask`")
+
+
 def check_prompt(model, idx):
-    """(B, T) or (T,) ids of equal-length prompts -> (B, T) int64 copy, checked."""
+    """(B, T) or (T,) ids of equal-length prompts -> (B, T) int64 copy, checked (a causal model's)."""
+    require_causal(model.config)
     idx = np.asarray(idx)
     if idx.size == 0:
         raise TinygenError(f"the prompt is empty (shape {idx.shape}): generation needs at least one token")
@@ -228,6 +254,30 @@ def decode_tokens(model, ids, prompt_len, max_new_tokens, pick, use_cache=True, 
         tok = pick(decoder.next_logits(ids, n), ids[:, :n])
         ids[:, n] = tok
         yield tok
+
+
+def hold_stops(pick, stop_ids, prompt_len, min_new_tokens, vocab_size):
+    """pick, with the stop tokens suppressed while a row has fewer than min_new_tokens new tokens.
+
+    The count is the sequence's length minus prompt_len (the `seq` pick is
+    given grows by one per step, from prompt_len). Stop strings are not
+    suppressed (they are text, found after the token is chosen), as in
+    transformers, where min_new_tokens acts on eos_token_id only.
+    """
+    if not _is_int(min_new_tokens) or min_new_tokens < 0:
+        raise TinygenError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    held = sorted(i for i in stop_ids if 0 <= i < vocab_size)
+    if not min_new_tokens or not held:
+        return pick
+    if len(held) == vocab_size:
+        raise TinygenError(f"min_new_tokens={min_new_tokens} would suppress every token: all {vocab_size} are stop tokens")
+
+    def pick_after_min(logits, seq):
+        if seq.shape[1] - prompt_len < min_new_tokens:
+            logits = suppress_tokens(logits, held)
+        return pick(logits, seq)
+
+    return pick_after_min
 
 
 def make_picker(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None):
@@ -268,7 +318,7 @@ class _StopWatcher:
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
              repetition_penalty=None, seed=None, stop=None, use_cache=True, tokenizer=None,
-             pad_id=-1, window_keep=None):
+             pad_id=-1, window_keep=None, min_new_tokens=0):
     """Continue each prompt by up to max_new_tokens tokens; returns the ids, prompt first.
 
     idx: (B, T) equal-length prompts, or one prompt (T,) (then the result is 1-D).
@@ -282,13 +332,19 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     are padded with pad_id (-1: not a token; `row[row >= 0]` recovers one).
     use_cache=False recomputes every step from scratch (same tokens, slower).
     window_keep: tokens kept when the context slides past block_size.
+    min_new_tokens: the stop token ids cannot be chosen until a row has this
+    many new tokens (transformers' name and rule: its eos_token_id is our stop
+    ids; a stop string can still end a row earlier). A greedy completion that
+    would be empty because end-of-text wins the first step gets
+    min_new_tokens=1 tokens instead.
     """
     prompt = check_prompt(model, idx)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise TinygenError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    pick = make_picker(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     stop_ids, stop_texts = parse_stop(stop, tokenizer)
     B, T = prompt.shape
+    pick = hold_stops(make_picker(temperature, top_k, top_p, min_p, repetition_penalty, seed), stop_ids, T,
+                      min_new_tokens, model.config.vocab_size)
     ids = np.empty((B, T + max_new_tokens), dtype=np.int64)
     ids[:, :T] = prompt
     lengths = np.full(B, T + max_new_tokens)  # final length of each row
@@ -322,8 +378,9 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, stop=None, **options):
         raise TinygenError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     stop_ids, stop_texts = parse_stop(stop, tokenizer)
     use_cache, window_keep = options.pop("use_cache", True), options.pop("window_keep", None)
-    pick = make_picker(**options)
+    min_new_tokens = options.pop("min_new_tokens", 0)
     T = prompt.shape[1]
+    pick = hold_stops(make_picker(**options), stop_ids, T, min_new_tokens, model.config.vocab_size)
     ids = np.empty((1, T + max_new_tokens), dtype=np.int64)
     ids[:, :T] = prompt
     tokens = (int(tok[0]) for tok in decode_tokens(model, ids, T, max_new_tokens, pick, use_cache, window_keep))

@@ -6,8 +6,9 @@
 
 The base run directory is only read. Progress, metrics.jsonl, loss.svg,
 checkpoints and --resume behave as in `tinygen pretrain`; at the end every
-task is evaluated on the test split (loss and exact-match accuracy of
-greedy completions), printed and written to OUT/eval.json.
+task is evaluated on the test split (loss, exact-match accuracy and the
+task's own metric of greedy completions, with bootstrap intervals), printed
+and written to OUT/eval.json.
 """
 import os
 import sys
@@ -59,10 +60,19 @@ def resolve(args):
 
 
 def format_eval(scores: dict) -> str:
-    """The per-task table printed at the end."""
-    lines = [f"{'task':<16} {'examples':>8} {'loss':>8} {'accuracy':>9}"]
+    """The per-task table printed at the end: loss, exact match, and the task's metrics with their
+    bootstrap 95% intervals.
+
+    >>> print(format_eval({"name": {"examples": 9, "val_loss": 3.2, "accuracy": 0.1,
+    ...                             "scores": {"subtoken_f1": [0.25, 0.1, 0.4]}}}))
+    task             examples     loss  accuracy  metrics (95% interval)
+    name                    9   3.2000     10.0%  subtoken_f1 0.250 [0.10, 0.40]
+    """
+    lines = [f"{'task':<16} {'examples':>8} {'loss':>8} {'accuracy':>9}  metrics (95% interval)"]
     for task, s in scores.items():
-        lines.append(f"{task:<16} {s['examples']:>8} {s['val_loss']:>8.4f} {s['accuracy']:>9.1%}")
+        metrics = ", ".join(f"{name} {v:.3f} [{low:.2f}, {high:.2f}]" for name, (v, low, high) in
+                            s.get("scores", {}).items() if name not in ("val_loss", "exact_match"))
+        lines.append(f"{task:<16} {s['examples']:>8} {s['val_loss']:>8.4f} {s['accuracy']:>9.1%}  {metrics}".rstrip())
     return "\n".join(lines)
 
 

@@ -1,9 +1,13 @@
-"""Evaluation of prompt/completion tasks: held-out loss and exact-match accuracy.
+"""Evaluation of prompt/completion tasks: held-out loss, exact match and each field's metric.
 
     loss      mean cross-entropy over the completion tokens (and the EOT that
               ends them) of every held-out example, token-weighted per task
     accuracy  fraction of examples whose greedy completion, up to the first
               EOT, equals the reference completion (both stripped of spaces)
+    metrics   the task's own scores of the same greedy completions
+              (tinygen.finetuning.metrics): subtoken F1 for `name`, ROUGE-L and
+              BLEU-4 for `summarize`, parameter-name F1 for `args`, or what a
+              JSONL task names; each with a bootstrap 95% interval over the examples
     few-shot  the same with no training: k solved training examples are put
               in front of each prompt, "prompt completion\\n\\n" each, and the
               generated text is also cut at its first newline
@@ -18,24 +22,28 @@ Shapes: B batch, T time, V vocabulary.
 """
 import numpy as np
 
+from ..loss import token_losses
 from ..model import gpt_forward
+from .metrics import LOSS, TASK_METRICS, bootstrap, example_stats, exact_match
 from .tasks import Example, by_task, encode_examples, make_batch
 
 MAX_NEW_TOKENS = 48  # longest greedy completion tried for the accuracy
 
 
-def task_losses(model, encoded, batch_size=32) -> dict:
-    """{task: mean loss over its completion tokens}, token-weighted over batches."""
-    out = {}
-    for task, items in by_task(encoded).items():
-        items = sorted(items, key=lambda e: len(e.ids))  # similar lengths: less padding
-        total = count = 0.0
-        for i in range(0, len(items), batch_size):
-            x, y = make_batch(items[i:i + batch_size], pad_id=0)
-            n = int((y >= 0).sum())
-            total += model.loss(x, y) * n
-            count += n
-        out[task] = total / max(count, 1)
+def example_losses(model, encoded, batch_size=32) -> np.ndarray:
+    """(n, 2) per example: the summed -log p of its completion tokens (EOT included), and their number.
+
+    encoded: [Encoded or None]; None (an example that did not fit) gives (0, 0).
+    The cross-entropy alone: auxiliary losses of a model's parts are a training matter.
+    """
+    out = np.zeros((len(encoded), 2))
+    rows = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i].ids))
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        x, y = make_batch([encoded[i] for i in chunk], pad_id=0)
+        logits, _ = gpt_forward(model.params, x, model.config, model.parts)  # (B, T, V)
+        out[chunk, 0] = token_losses(logits, y).sum(axis=1)
+        out[chunk, 1] = (y >= 0).sum(axis=1)
     return out
 
 
@@ -84,46 +92,75 @@ def _greedy_batch(model, prompts, max_new_tokens, stop_ids):
     return new
 
 
-def exact_match(generated: str, reference: str) -> bool:
-    """Whether a generated completion equals the reference, surrounding spaces aside.
-
-    >>> exact_match(" spawn ", "spawn")
-    True
-    """
-    return generated.strip() == reference.strip()
-
-
-def accuracy(model, tokenizer, examples, max_new_tokens=None, cut_newline=False, batch_size=32) -> float:
-    """Fraction of examples whose greedy completion matches exactly (see module docstring)."""
+def completions(model, tokenizer, examples, max_new_tokens=None, cut_newline=False, batch_size=32) -> list:
+    """The greedy completion text of each example, up to its first EOT (and newline, if cut_newline)."""
     if not examples:
-        return 0.0
+        return []
     refs = [tokenizer.encode(e.completion) for e in examples]
     if max_new_tokens is None:  # enough for the longest reference and its EOT, within reason
         max_new_tokens = min(max(map(len, refs)) + 1, MAX_NEW_TOKENS)
     prompts = [tokenizer.encode(e.prompt) for e in examples]
     outs = greedy_complete(model, prompts, max_new_tokens, {tokenizer.eot_id}, batch_size)
-    hits = 0
-    for e, out in zip(examples, outs):
-        text = tokenizer.decode(out)
-        if cut_newline:
-            text = text.split("\n")[0]
-        hits += exact_match(text, e.completion)
-    return hits / len(examples)
+    texts = [tokenizer.decode(out) for out in outs]
+    return [t.split("\n")[0] for t in texts] if cut_newline else texts
+
+
+def accuracy(model, tokenizer, examples, max_new_tokens=None, cut_newline=False, batch_size=32) -> float:
+    """Fraction of examples whose greedy completion matches exactly (see module docstring)."""
+    texts = completions(model, tokenizer, examples, max_new_tokens, cut_newline, batch_size)
+    return sum(exact_match(t, e.completion) for t, e in zip(texts, examples)) / len(examples) if examples else 0.0
+
+
+def task_metrics(task: str, examples) -> tuple:
+    """The metrics a task is scored by, exact match first: what its examples name, else the built-in
+    task's (TASK_METRICS), else exact match alone.
+
+    >>> task_metrics("name", [Example("p", "c", "name")])
+    ('exact_match', 'subtoken')
+    """
+    named = next((e.metrics for e in examples if e.task == task and e.metrics), ()) or TASK_METRICS.get(task, ())
+    return ("exact_match",) + tuple(m for m in named if m != "exact_match")
+
+
+def score_completions(metrics, generated, examples) -> dict:
+    """{metric: (n, k) stats} of the generated texts against the examples' completions."""
+    references = [e.completion for e in examples]
+    return {m: example_stats(m, generated, references) for m in metrics}
+
+
+def intervals(stats: dict) -> dict:
+    """{value name: [value, low, high]} for every metric's stats ("loss" is the held-out loss's), rounded."""
+    out = {}
+    for metric, s in stats.items():
+        for name, iv in bootstrap(LOSS if metric == "loss" else metric, np.asarray(s)).items():
+            out[name] = [round(iv.value, 4), round(iv.low, 4), round(iv.high, 4)]
+    return out
 
 
 def evaluate_tasks(model, tokenizer, examples, n_accuracy=64, cut_newline=False) -> dict:
-    """{task: {"val_loss", "accuracy", "examples"}} on held-out examples.
+    """{task: {"val_loss", "accuracy", "examples", "scores", "stats", "metrics"}} on held-out examples.
 
-    The loss uses every example; the accuracy the first n_accuracy of each task
-    (greedy decoding is the slow part).
+    The loss uses every example; exact match and the task's metrics the greedy
+    completions of the first n_accuracy of each task (greedy decoding is the
+    slow part). "scores": {value name: [value, low, high]}, a bootstrap 95%
+    interval over the examples, for val_loss, exact_match and each metric's
+    values; "stats": the per-example numbers they come from (metrics.example_stats,
+    "loss" = evaluate.example_losses), which tinygen.demo compares run against run;
+    "metrics": the task's metric names.
     """
-    encoded = encode_examples(examples, tokenizer, capacity(model))
-    losses = task_losses(model, encoded)
+    cap = capacity(model)
     out = {}
     for task, items in by_task(examples).items():
-        acc = accuracy(model, tokenizer, items[:n_accuracy], cut_newline=cut_newline)
-        out[task] = {"val_loss": round(float(losses.get(task, float("nan"))), 4),
-                     "accuracy": round(acc, 4), "examples": len(items)}
+        encoded = [next(iter(encode_examples([e], tokenizer, cap)), None) for e in items]
+        losses = example_losses(model, encoded)
+        decoded = items[:n_accuracy]
+        names = task_metrics(task, items)
+        stats = {"loss": losses, **score_completions(names, completions(model, tokenizer, decoded, cut_newline=cut_newline), decoded)}
+        total, count = losses.sum(axis=0)
+        acc = float(stats["exact_match"].mean()) if decoded else 0.0
+        out[task] = {"val_loss": round(float(total / max(count, 1)), 4), "accuracy": round(acc, 4),
+                     "examples": len(items), "metrics": list(names), "scores": intervals(stats),
+                     "stats": {k: np.round(v, 6).tolist() for k, v in stats.items()}}
     return out
 
 
@@ -140,4 +177,4 @@ def few_shot_examples(examples, train_examples, k=3, max_shot_chars=300) -> list
         if len(e.prompt) + len(e.completion) <= max_shot_chars and len(shots.setdefault(e.task, [])) < k:
             shots[e.task].append(e)
     prefix = {t: "".join(s.prompt + s.completion + "\n\n" for s in group) for t, group in shots.items()}
-    return [Example(prefix.get(e.task, "") + e.prompt, e.completion, e.task) for e in examples]
+    return [e._replace(prompt=prefix.get(e.task, "") + e.prompt) for e in examples]

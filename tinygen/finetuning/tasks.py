@@ -13,9 +13,12 @@ padding's inputs are EOT and its targets IGNORE, so padding changes nothing
 (attention is causal: real positions never see the padding after them).
 
 Files are JSONL, one object per line:
-    {"prompt": "add: 2 3\\n=>", "completion": " 5", "task": "add"}
-("task" is optional and only groups the evaluation.) A malformed line is a
-TinygenError naming the file and the line number.
+    {"prompt": "add: 2 3\\n=>", "completion": " 5", "task": "add", "metric": "exact_match"}
+("task" is optional and only groups the evaluation; "metric", optional, a
+name or a list of names of tinygen.finetuning.metrics.METRICS, says how the
+task's completions are scored besides the loss and exact match; every line of
+a task must name the same.) A malformed line is a TinygenError naming the
+file and the line number.
 
 The built-in set (`builtin_examples`) is derived with `ast` from the running
 Python's standard library, real text nobody here wrote; three tasks:
@@ -43,6 +46,7 @@ import numpy as np
 
 from ..errors import TinygenError
 from ..loss import IGNORE
+from .metrics import check_metric_names
 
 TASKS = ("summarize", "name", "args")
 SPLITS = ("train", "val", "test")
@@ -53,6 +57,7 @@ class Example(NamedTuple):
     prompt: str
     completion: str
     task: str = "default"
+    metrics: tuple = ()  # names in metrics.METRICS; () = the task's default (metrics.TASK_METRICS)
 
 
 class Encoded(NamedTuple):
@@ -81,6 +86,11 @@ def read_jsonl(path) -> list:
             examples.append(_example(obj, f"{path}:{n}"))
     if not examples:
         raise TinygenError(f"{path}: no examples (expected JSONL lines with \"prompt\" and \"completion\")")
+    named = {}
+    for n, e in enumerate(examples, 1):
+        if named.setdefault(e.task, e.metrics) != e.metrics:
+            raise TinygenError(f"{path}: task {e.task!r} is scored by {list(named[e.task]) or 'default'} on one "
+                               f"line and {list(e.metrics) or 'default'} on another (example {n}); name one metric per task")
     return examples
 
 
@@ -97,14 +107,18 @@ def _example(obj, where) -> Example:
     task = obj.get("task", "default")
     if not isinstance(task, str) or not task:
         raise TinygenError(f"{where}: \"task\" must be a non-empty string, got {task!r}")
-    return Example(obj["prompt"], obj["completion"], task)
+    metrics = obj.get("metric", [])
+    if not (isinstance(metrics, str) or (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics))):
+        raise TinygenError(f"{where}: \"metric\" must be a metric name or a list of them, got {metrics!r}")
+    return Example(obj["prompt"], obj["completion"], task, check_metric_names(metrics, where))
 
 
 def write_jsonl(path, examples) -> None:
     """Write examples as JSONL (the format read_jsonl reads)."""
     with open(path, "w", encoding="utf-8") as f:
         for e in examples:
-            f.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "task": e.task}) + "\n")
+            metric = {"metric": list(e.metrics)} if e.metrics else {}
+            f.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "task": e.task, **metric}) + "\n")
 
 
 def split_examples(examples, val_fraction=0.1, test_fraction=0.1, seed=0) -> dict:
