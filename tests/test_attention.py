@@ -1,6 +1,8 @@
 """Causal attention: backward vs finite differences, causality of outputs and of
 gradients, a naive per-head oracle, float32 discipline, and the KV cache's
-exactness against the full forward."""
+exactness against the full forward. Bidirectional attention: the same oracle without
+the mask, equal to the causal one where the mask does not matter (T = 1), its
+backward, and that every position now sees the future."""
 import math
 
 import numpy as np
@@ -9,8 +11,8 @@ from hypothesis import example, given, strategies as st
 
 from tinygen import GPT, KVCache
 from tinygen.attention import (
-    attend, attention_probs, causal_attention_backward, causal_attention_forward, causal_mask, merge_heads,
-    split_heads,
+    attend, attention_probs, bidirectional_attention_backward, bidirectional_attention_forward,
+    causal_attention_backward, causal_attention_forward, causal_mask, merge_heads, split_heads,
 )
 from tinygen.errors import TinygenError
 from tinygen.layers import dropout_mask
@@ -22,8 +24,8 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 3), st.i
 seeds = st.integers(0, 2**16)
 
 
-def naive_attention(qkv, n_head):
-    """The definition, one batch row, head and query at a time."""
+def naive_attention(qkv, n_head, causal=True):
+    """The definition, one batch row, head and query at a time (causal: keys 0..t only)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
@@ -34,9 +36,10 @@ def naive_attention(qkv, n_head):
             k = qkv[b, :, C + h * D:C + (h + 1) * D]
             v = qkv[b, :, 2 * C + h * D:2 * C + (h + 1) * D]
             for t in range(T):
-                s = k[: t + 1] @ q[t] / math.sqrt(D)  # keys 0..t only
+                seen = t + 1 if causal else T
+                s = k[:seen] @ q[t] / math.sqrt(D)
                 a = np.exp(s - s.max())
-                y[b, t, h * D:(h + 1) * D] = (a / a.sum()) @ v[: t + 1]
+                y[b, t, h * D:(h + 1) * D] = (a / a.sum()) @ v[:seen]
     return y
 
 
@@ -201,3 +204,62 @@ def test_model_is_causal(config, data):
     changed[:, t + 1:] = (changed[:, t + 1:] + 1 + data.draw(st.integers(0, 100))) % config.vocab_size
     model = GPT(config)
     np.testing.assert_array_equal(model.forward(changed)[:, : t + 1], model.forward(idx)[:, : t + 1])
+
+
+# ------------------------------------------------------------------ bidirectional attention
+@given(shapes, seeds)
+@example((1, 1, 1, 1), 0).via("T=1, B=1, one head of width 1")
+def test_bidirectional_attention_matches_naive_definition(shape, seed):
+    B, T, H, D = shape
+    qkv = np.random.default_rng(seed).standard_normal((B, T, 3 * H * D))
+    y, cache = bidirectional_attention_forward(qkv, H)
+    np.testing.assert_allclose(y, naive_attention(qkv, H, causal=False), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cache.att.sum(-1), 1.0, rtol=1e-12)
+    assert (cache.att > 0).all()  # no masked entry
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), seeds, st.booleans())
+def test_bidirectional_equals_causal_where_the_mask_does_not_matter(B, H, D, seed, with_dropout):
+    """T = 1: the one query sees the one key either way; outputs and gradients agree exactly."""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, 1, 3 * H * D))
+    mask = dropout_mask((B, H, 1, 1), 0.5, rng, np.float64) if with_dropout else None
+    y_c, cache_c = causal_attention_forward(qkv, H, mask=mask)
+    y_b, cache_b = bidirectional_attention_forward(qkv, H, mask=mask)
+    assert np.array_equal(y_c, y_b)
+    dy = rng.standard_normal(y_c.shape)
+    np.testing.assert_allclose(bidirectional_attention_backward(dy, cache_b)[0],
+                               causal_attention_backward(dy, cache_c)[0], rtol=1e-13, atol=1e-15)
+
+
+@given(shapes, seeds, st.booleans())
+@example((1, 1, 2, 3), 0, True).via("T=1, B=1, dropout")
+def test_bidirectional_attention_backward_matches_finite_differences(shape, seed, with_dropout):
+    B, T, H, D = shape
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3 * H * D))
+    kwargs = {"n_head": H, "mask": dropout_mask((B, H, T, T), 0.3, rng, np.float64) if with_dropout else None}
+    errors = check_layer(bidirectional_attention_forward, bidirectional_attention_backward, [qkv], kwargs, ["qkv"])
+    assert errors["qkv"] < THRESHOLD
+
+
+@given(shapes, seeds, st.data())
+def test_bidirectional_attention_is_permutation_equivariant(shape, seed, data):
+    """No mask and no positions inside attention: permuting the T positions of qkv permutes y."""
+    B, T, H, D = shape
+    qkv = np.random.default_rng(seed).standard_normal((B, T, 3 * H * D))
+    perm = np.array(data.draw(st.permutations(range(T))))
+    y, _ = bidirectional_attention_forward(qkv, H)
+    y_perm, _ = bidirectional_attention_forward(qkv[:, perm], H)
+    np.testing.assert_allclose(y_perm, y[:, perm], rtol=1e-12, atol=1e-12)
+
+
+def test_bidirectional_attention_sees_the_future():
+    """Changing the last position changes the first one's output (it cannot in causal attention)."""
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((1, 4, 3 * 8))
+    changed = qkv.copy()
+    changed[:, -1] += 1.0
+    first = lambda f: f(qkv, 2)[0][:, 0], lambda f: f(changed, 2)[0][:, 0]  # noqa: E731
+    assert np.array_equal(first[0](causal_attention_forward), first[1](causal_attention_forward))
+    assert not np.allclose(first[0](bidirectional_attention_forward), first[1](bidirectional_attention_forward))

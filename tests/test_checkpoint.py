@@ -178,3 +178,40 @@ def test_transformers_loads_a_tinygen_checkpoint_and_back(tmp_path):
     hf.save_pretrained(tmp_path / "theirs")  # transformers' own layout back into tinygen
     back = GPT.from_pretrained(tmp_path / "theirs")
     np.testing.assert_allclose(back.forward(idx), theirs, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ a bidirectional model's files
+def test_a_bidirectional_checkpoint_says_what_it_is_and_round_trips(tmp_path):
+    config = dataclasses.replace(CONFIG, causal=False)
+    model = tiny_model(config=config)
+    model.save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["model_type"] == "tinygen_bidirectional" and hf["tinygen"]["causal"] is False
+    assert hf["architectures"] == ["TinygenBidirectionalLM"]
+    back = GPT.from_pretrained(tmp_path)
+    assert back.config == config and back.parts.attention is not GPT(CONFIG).parts.attention
+    idx = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(back.forward(idx), model.forward(idx))
+    model_causal = tiny_model()
+    model_causal.save_pretrained(tmp_path / "causal")
+    hf_causal = json.loads((tmp_path / "causal" / "config.json").read_text())
+    assert hf_causal["model_type"] == "gpt2" and hf_causal["tinygen"]["causal"] is True
+
+
+@pytest.mark.parametrize("model_type, causal", [("gpt2", False), ("tinygen_bidirectional", True)])
+def test_config_json_whose_model_type_and_causal_disagree_is_refused(tmp_path, model_type, causal):
+    tiny_model().save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["model_type"], hf["tinygen"]["causal"] = model_type, causal
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(TinygenError, match="disagree"):
+        read_config(tmp_path)
+
+
+def test_transformers_does_not_take_a_bidirectional_checkpoint_for_gpt2(tmp_path):
+    """GPT-2 in transformers is causal: these weights would compute something else there. Its Auto
+    classes refuse the unknown model_type (GPT2LMHeadModel itself warns that the type differs)."""
+    transformers = pytest.importorskip("transformers")
+    tiny_model(config=dataclasses.replace(CONFIG, causal=False)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tinygen_bidirectional"):
+        transformers.AutoConfig.from_pretrained(tmp_path)

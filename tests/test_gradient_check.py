@@ -7,7 +7,7 @@ from hypothesis import example, given, strategies as st
 
 from tinygen.gradient_check import (
     EPS, FLOOR, THRESHOLD, block_check, check_layer, finetuning_model_check, gradcheck, layer_cases,
-    numerical_gradient, pick_coords, relative_errors,
+    model_check, numerical_gradient, pick_coords, relative_errors,
 )
 from tinygen.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward
 
@@ -40,6 +40,12 @@ def test_every_float_argument_of_a_case_is_named_and_checked():
 def test_block_check_covers_x_and_all_twelve_parameters(B, T, C, n_head):
     errors = block_check(np.random.default_rng(0), B, T, C, n_head, max_coords=16)
     assert len(errors) == 13 and errors["x"] < THRESHOLD and max(errors.values()) < THRESHOLD, errors
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_model_check_covers_every_parameter_causal_and_bidirectional(causal):
+    errors = model_check(max_coords=4, causal=causal)
+    assert len(errors) == 4 + 2 * 12 and max(e for _, e in errors.values()) < THRESHOLD
 
 
 def test_finetuning_model_check_covers_every_method():

@@ -1,5 +1,6 @@
 """The whole model: gradients vs finite differences, HF names and init statistics,
-dtype discipline end to end, input validation, and an overfitting smoke test."""
+dtype discipline end to end, input validation, and an overfitting smoke test; the
+bidirectional model (causal=False): its gradients, the causal one's where T = 1."""
 import dataclasses
 import math
 
@@ -251,3 +252,42 @@ def test_tiny_model_overfits_one_batch_with_adam():
     assert first > 2.5  # started near log(16) = 2.77
     assert model.loss(idx, targets) < 0.05
     assert all(p.dtype == np.float32 for p in model.params.values())
+
+
+# ------------------------------------------------------------------ the bidirectional model (causal=False)
+@settings(max_examples=15, deadline=None)
+@given(configs(max_layers=2, max_heads=2, max_head_size=3, max_block=6), st.data())
+def test_bidirectional_model_gradients_match_finite_differences(config, data):
+    config = dataclasses.replace(config, causal=False)
+    model = GPT(config, seed=data.draw(st.integers(0, 100)))
+    idx = data.draw(token_batches(config, max_batch=2))
+    keep = data.draw(hnp.arrays(bool, idx.shape))
+    targets = np.where(keep, idx, -1)  # a masked language model's targets: the token at its own position
+    errors = check_model(model, idx, targets, max_coords=6)
+    assert set(errors) == set(model.params) and max(errors.values()) < THRESHOLD, errors
+
+
+@settings(max_examples=25, deadline=None)
+@given(configs(max_block=6), st.integers(1, 3), st.data())
+def test_bidirectional_model_equals_causal_where_the_mask_does_not_matter(config, B, data):
+    """One position (T = 1): the same parameters give the same logits and gradients either way."""
+    seed = data.draw(st.integers(0, 100))
+    causal = GPT(config, seed=seed)
+    bidirectional = GPT(dataclasses.replace(config, causal=False), params=causal.params)
+    idx = data.draw(hnp.arrays(np.int64, (B, 1), elements=st.integers(0, config.vocab_size - 1)))
+    np.testing.assert_allclose(bidirectional.forward(idx), causal.forward(idx), rtol=1e-12, atol=1e-12)
+    loss_c, g_c = causal.loss_and_grads(idx, idx)
+    loss_b, g_b = bidirectional.loss_and_grads(idx, idx)
+    assert loss_c == pytest.approx(loss_b, rel=1e-12)
+    for name in g_c:
+        np.testing.assert_allclose(g_b[name], g_c[name], rtol=1e-10, atol=1e-12)
+
+
+def test_bidirectional_model_sees_the_future():
+    config = GPTConfig(vocab_size=11, block_size=6, n_layer=1, n_head=2, n_embd=8, dtype="float64", causal=False)
+    model = GPT(config, seed=0)
+    idx = np.array([[1, 2, 3, 4]])
+    later = np.array([[1, 2, 3, 9]])
+    assert not np.allclose(model.forward(idx)[:, 0], model.forward(later)[:, 0])
+    causal = GPT(dataclasses.replace(config, causal=True), params=model.params)
+    assert np.array_equal(causal.forward(idx)[:, 0], causal.forward(later)[:, 0])

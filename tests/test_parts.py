@@ -12,8 +12,8 @@ from tinygen.gradient_check import THRESHOLD, check_model, check_part
 from tinygen.kv_decoding import Decoder
 from tinygen.layers import linear_backward, linear_forward
 from tinygen.model import block_backward, block_forward, gpt_backward, gpt_forward
-from tinygen.parts import (CAUSAL_SELF_ATTENTION, GPT2, IDENTITY, LINEAR, MLP, TOKEN_EMBEDDING, Context, Part, Parts,
-                           make_context, parts_for)
+from tinygen.parts import (BIDIRECTIONAL_SELF_ATTENTION, CAUSAL_SELF_ATTENTION, GPT2, IDENTITY, LINEAR, MLP,
+                           TOKEN_EMBEDDING, Context, LayerKV, Part, Parts, make_context, parts_for)
 from tinygen.testing import configs
 
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
@@ -40,7 +40,7 @@ def test_linear_part_gradients(config, B, seed, projection):
 
 @settings(max_examples=10)
 @given(configs(max_layers=1, max_heads=2, max_head_size=3, max_block=5), st.integers(1, 2), st.integers(0, 1000),
-       st.sampled_from([MLP, CAUSAL_SELF_ATTENTION]), st.booleans())
+       st.sampled_from([MLP, CAUSAL_SELF_ATTENTION, BIDIRECTIONAL_SELF_ATTENTION]), st.booleans())
 def test_attention_and_mlp_part_gradients(config, B, seed, part, with_dropout):
     """The sublayers' backward, through the linear part for their projections; the attention
     part with attention dropout too (ctx.rng is replayed, so the masks stay fixed)."""
@@ -85,6 +85,17 @@ def test_parts_default_to_the_configs_own():
     assert np.array_equal(gpt_forward(params, idx, CONFIG)[0], gpt_forward(params, idx, CONFIG, GPT2)[0])
     with pytest.raises(ValueError, match="parts must be"):
         GPT(CONFIG, parts=(LINEAR,))
+
+
+def test_a_bidirectional_config_gets_the_bidirectional_attention_part():
+    config = dataclasses.replace(CONFIG, causal=False)
+    parts = parts_for(config)
+    assert parts.attention is BIDIRECTIONAL_SELF_ATTENTION and parts._replace(attention=GPT2.attention) == GPT2
+    assert GPT(config).parts == parts
+    x = np.random.default_rng(0).standard_normal((1, 3, 8))
+    kv = LayerKV(np.zeros((1, 2, 8, 4)), np.zeros((1, 2, 8, 4)))
+    with pytest.raises(ValueError, match="no KV-cache decoding"):
+        parts.attention.forward(x, random_params(config, 0), "h.0.attn", make_context(config)._replace(kv=kv))
 
 
 # ------------------------------------------------------------------ a custom part

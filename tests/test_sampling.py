@@ -391,3 +391,16 @@ def test_stream_yields_exactly_the_decoded_text():
         ids = generate(model, [72, 105], 30, seed=seed, top_k=40)
         pieces = list(stream(model, tok, [72, 105], 30, seed=seed, top_k=40))
         assert "".join(pieces) == tok.decode(ids[2:])
+
+
+def test_a_bidirectional_model_does_not_generate():
+    import dataclasses
+
+    from tinygen.beam import beam_search
+
+    model = tiny_model()
+    mlm = GPT(dataclasses.replace(model.config, causal=False), params=model.params)
+    for call in (lambda: generate(mlm, [1, 2], 3), lambda: list(stream(mlm, ByteTokenizer(), [1, 2], 3)),
+                 lambda: beam_search(mlm, [1, 2], 3, 2), lambda: mlm.generate(np.array([[1]]), 2)):
+        with pytest.raises(TinygenError, match="masked language model .* cannot generate left to right"):
+            call()

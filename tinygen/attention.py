@@ -1,4 +1,4 @@
-"""Causal multi-head self-attention: from the fused qkv projection to y.
+"""Multi-head self-attention, causal and bidirectional: from the fused qkv projection to y.
 
 The block computes qkv = ln_1(x) @ c_attn (one (C, 3C) matmul for q, k and v
 of every head) and afterwards y @ c_proj; both are plain linear layers. This
@@ -12,6 +12,9 @@ where mask is 0 on and below the diagonal and -inf above it, so position t
 only sees positions <= t. `attend` / `attend_backward` are that math for
 any queries; `causal_attention_forward` / `_backward` run it on blocks of
 query rows, so the future keys of a whole block are never computed.
+`bidirectional_attention_forward` / `_backward` drop the mask: every
+position sees every other (BERT's encoder; a masked language model needs
+the words on both sides of a blank). With T = 1 the two are the same.
 Shapes: B batch, T time, H heads, D head width, C = H * D.
 docs/attention.md derives the backward.
 """
@@ -52,9 +55,9 @@ def causal_mask(Tq, Tk, dtype):
     return np.where(future, -np.inf, 0.0).astype(dtype)
 
 
-def attend(q, k, v, dropout_mask=None):
+def attend(q, k, v, dropout_mask=None, causal=True):
     """y = softmax(q k^T / sqrt(D) + causal mask) v, the probabilities multiplied
-    by `dropout_mask` (B,H,Tq,Tk) first when one is given.
+    by `dropout_mask` (B,H,Tq,Tk) first when one is given; causal=False: no mask.
 
     q (B,H,Tq,D), k, v (B,H,Tk,D) -> y (B,H,Tq,D), att (B,H,Tq,Tk) before dropout.
     The queries are the last Tq of the Tk positions (see causal_mask).
@@ -62,7 +65,8 @@ def attend(q, k, v, dropout_mask=None):
     Tq, D = q.shape[-2:]
     Tk = k.shape[-2]
     att = (q * (1.0 / math.sqrt(D))) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk) scores; scaling q is cheaper
-    att += causal_mask(Tq, Tk, att.dtype)
+    if causal:
+        att += causal_mask(Tq, Tk, att.dtype)
     softmax(att, out=att)
     return (att if dropout_mask is None else att * dropout_mask) @ v, att
 
@@ -150,6 +154,44 @@ def causal_attention_backward(dy, cache):
         dk[:, :, :hi] += dk_block
         dv[:, :, :hi] += dv_block
     return (dqkv.reshape(B, T, 3 * H * D),)
+
+
+class BidirectionalCache(NamedTuple):
+    q: np.ndarray  # (B, H, T, D)
+    k: np.ndarray  # (B, H, T, D)
+    v: np.ndarray  # (B, H, T, D)
+    att: np.ndarray  # (B, H, T, T) softmax probabilities, before dropout; no zeros from a mask
+    mask: Optional[np.ndarray]  # (B, H, T, T) attention-dropout mask, or None
+
+
+def bidirectional_attention_forward(qkv, n_head, dropout=0.0, rng=None, mask=None):
+    """qkv (B, T, 3C) -> y (B, T, C): every query attends to all T keys, past and future.
+
+    The same math as the causal pair without the mask: one (T, T) block of
+    scores per head, nothing to skip. `dropout` drops attention probabilities,
+    with a mask drawn from `rng` or given as `mask` (B, H, T, T).
+    """
+    q, k, v = split_heads(qkv, n_head)  # (B, H, T, D) each
+    T = q.shape[2]
+    if mask is None and dropout > 0.0 and rng is not None:
+        mask = dropout_mask(q.shape[:-1] + (T,), dropout, rng, qkv.dtype)
+    y, att = attend(q, k, v, mask, causal=False)  # (B, H, T, D), (B, H, T, T)
+    return merge_heads(y), BidirectionalCache(q, k, v, att, mask)
+
+
+def bidirectional_attention_backward(dy, cache):
+    """dy (B, T, C) -> dqkv (B, T, 3C): attend_backward once over all T queries and keys.
+
+    attend_backward's formulas hold as they are: with no masked entry every
+    att is > 0, so every key gets gradient from every query (the future too).
+    Reads q, k, v, att and the dropout mask from the cache.
+    """
+    q, k, v, att, mask = cache
+    B, H, T, D = q.shape
+    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    dq, dk, dv = attend_backward(dy, q, k, v, att, mask)  # each (B, H, T, D)
+    dqkv = np.stack([dq, dk, dv], axis=2)  # (B, H, 3, T, D)
+    return (dqkv.transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * H * D),)  # (B, T, 3, H, D) -> (B, T, 3C)
 
 
 def attention_probs(cache):

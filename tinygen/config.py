@@ -14,6 +14,10 @@ import numpy as np
 from .errors import TinygenError
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon; tinygen.layers.layernorm_forward's default
+# config.json's model_type for a model with bidirectional attention (GPTConfig.causal False). It is
+# not GPT-2, so it must not pass for one: transformers' Auto classes do not know this type and
+# refuse it, and GPT2LMHeadModel warns that the checkpoint is of another type.
+BIDIRECTIONAL_MODEL_TYPE = "tinygen_bidirectional"
 
 
 # ------------------------------------------------------------------ one validation helper
@@ -104,7 +108,9 @@ class GPTConfig:
 
     vocab_size V, block_size T (context length), n_layer L, n_head H,
     n_embd C (width; head width D = C // H), dropout p, dtype of parameters
-    and activations ("float32" or "float64").
+    and activations ("float32" or "float64"); causal: GPT-2's masked
+    attention (True) or bidirectional attention (False, for masked language
+    modelling; tinygen.parts.parts_for picks the attention part).
     """
 
     vocab_size: int = option(None, "size of the vocabulary V, special tokens included", POSITIVE)
@@ -114,6 +120,8 @@ class GPTConfig:
     n_embd: int = option(None, "width C of the residual stream", POSITIVE)
     dropout: float = option(0.0, "dropout probability while training (0 = off)", PROBABILITY)
     dtype: str = option("float32", "float32 or float64 parameters and activations", one_of("float32", "float64"))
+    causal: bool = option(True, "causal attention (GPT-2: each position sees only the past); False: every "
+                          "position sees every other (a masked language model, BERT's attention)", boolean)
 
     def __post_init__(self):
         validate(self)
@@ -134,10 +142,16 @@ class GPTConfig:
         return asdict(self)
 
     def to_hf(self) -> dict:
-        """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
+        """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads.
+
+        A bidirectional model (causal False) says what it is instead: model_type
+        BIDIRECTIONAL_MODEL_TYPE, which transformers does not load as GPT-2 (GPT-2
+        there is causal, and would compute something else with these weights).
+        """
+        causal = self.causal
         return {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2" if causal else BIDIRECTIONAL_MODEL_TYPE,
+            "architectures": ["GPT2LMHeadModel" if causal else "TinygenBidirectionalLM"],
             "activation_function": "gelu_new",
             "vocab_size": self.vocab_size,
             "n_positions": self.block_size,
@@ -156,20 +170,27 @@ class GPTConfig:
             "bos_token_id": self.vocab_size - 1,
             "eos_token_id": self.vocab_size - 1,
             "torch_dtype": self.dtype,
-            "tinygen": {"dtype": self.dtype, "dropout": self.dropout},
+            "tinygen": {"dtype": self.dtype, "dropout": self.dropout, "causal": causal},
         }
 
     @classmethod
     def from_hf(cls, hf: dict) -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote)."""
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise TinygenError(f"config.json: model_type must be 'gpt2', got {hf.get('model_type')!r}")
+        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote, bidirectional ones included)."""
+        model_type = hf.get("model_type", "gpt2")
+        if model_type not in ("gpt2", BIDIRECTIONAL_MODEL_TYPE):
+            raise TinygenError(f"config.json: model_type must be 'gpt2' (or tinygen's {BIDIRECTIONAL_MODEL_TYPE!r}), "
+                               f"got {model_type!r}")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise TinygenError(f"config.json: activation_function {act!r} is not GPT-2's tanh GELU")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
             raise TinygenError("config.json: n_inner must be 4 * n_embd (GPT-2's MLP width)")
         extra = hf.get("tinygen", {})
+        causal = model_type == "gpt2"
+        if extra.get("causal", causal) is not causal:
+            raise TinygenError(f"config.json: model_type {model_type!r} and causal={extra.get('causal')!r} (under \"tinygen\") "
+                               f"disagree; a {'causal' if causal else 'bidirectional'} model is model_type "
+                               f"{'gpt2' if causal else BIDIRECTIONAL_MODEL_TYPE!r}")
         try:
             return cls(
                 vocab_size=int(hf["vocab_size"]),
@@ -179,6 +200,7 @@ class GPTConfig:
                 n_embd=int(hf["n_embd"]),
                 dropout=float(extra.get("dropout", 0.0)),
                 dtype=str(extra.get("dtype", "float32")),
+                causal=causal,
             )
         except (KeyError, TypeError) as e:
             raise TinygenError(f"config.json: missing or malformed field {e}") from None

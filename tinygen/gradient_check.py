@@ -29,8 +29,9 @@ absolute terms, and passing means |analytic - numeric| < 1e-11.
 A tensor passes when its largest error is below THRESHOLD.
 
 The second half of the module is the table of what is checked: every layer
-pair with inputs (`layer_cases`), one transformer block, a whole model, and
-a model carrying every fine-tuning method at once. `tinygen gradcheck`
+pair with inputs (`layer_cases`), one transformer block, a whole model (causal,
+and bidirectional with a masked language model's targets), and a model
+carrying every fine-tuning method at once. `tinygen gradcheck`
 prints it; the test suite runs the same table over hypothesis-drawn shapes.
 See docs/gradcheck.md.
 """
@@ -38,7 +39,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .attention import causal_attention_backward, causal_attention_forward
+from .attention import (bidirectional_attention_backward, bidirectional_attention_forward, causal_attention_backward,
+                        causal_attention_forward)
 from .config import GPTConfig
 from .finetuning.adapters import ADAPTER, adapter_backward, adapter_forward, init_adapters
 from .finetuning.lora import LoraSpec, init_lora, lora_linear, lora_linear_backward, lora_linear_forward
@@ -262,6 +264,11 @@ def layer_cases(rng, B=2, T=5, C=8, dtype=np.float64) -> list:
         LayerCase("causal attention (dropout)", causal_attention_forward, causal_attention_backward,
                   [rng.standard_normal((B, T, 3 * C))],
                   {"n_head": H, "mask": dropout_mask((B, H, T, T), 0.3, rng, dtype)}, ["qkv"]),
+        LayerCase("bidirectional attention", bidirectional_attention_forward, bidirectional_attention_backward,
+                  [rng.standard_normal((B, T, 3 * C))], {"n_head": H}, ["qkv"]),
+        LayerCase("bidirectional attn (dropout)", bidirectional_attention_forward, bidirectional_attention_backward,
+                  [rng.standard_normal((B, T, 3 * C))],
+                  {"n_head": H, "mask": dropout_mask((B, H, T, T), 0.3, rng, dtype)}, ["qkv"]),
         LayerCase("cross-entropy", cross_entropy_forward, cross_entropy_backward,
                   [3 * rng.standard_normal((B, T, V)), targets], {}, ["logits"]),
         *finetuning_cases(rng, x, dtype),
@@ -308,13 +315,19 @@ def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0) -> dict:
     return check_layer(forward, backward, [x, *params.values()], names=names, max_coords=max_coords, seed=seed)
 
 
-def model_check(seed=0, max_coords=16) -> dict:
-    """{param: (shape, error)} of `check_model` on a small 2-layer float64 model: every parameter."""
-    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+def model_check(seed=0, max_coords=16, causal=True) -> dict:
+    """{param: (shape, error)} of `check_model` on a small 2-layer float64 model: every parameter.
+
+    causal=False checks the bidirectional model (GPTConfig.causal False) with a
+    masked language model's targets: the original token at a few positions, -1 elsewhere."""
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64", causal=causal)
     model = GPT(config, seed=seed)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, config.vocab_size, (2, config.block_size))
     targets = rng.integers(0, config.vocab_size, (2, config.block_size))
+    if not causal:
+        targets = np.where(rng.random(targets.shape) < 0.5, idx, IGNORE)  # predict the token at its own position
+        targets[:, 0] = idx[:, 0]  # at least one counted position per row
     errors = check_model(model, idx, targets, max_coords, seed)
     return {n: (model.params[n].shape, e) for n, e in errors.items()}
 
@@ -356,5 +369,6 @@ def all_checks(seed=0, max_coords=64) -> list:
     results.append(("transformer block", {n: (None, e) for n, e in errors.items()}))
     model_coords = max(4, max_coords // 4)
     results.append(("GPT (whole model)", model_check(seed, model_coords)))
+    results.append(("GPT, bidirectional (whole)", model_check(seed, model_coords, causal=False)))
     results.append(("GPT + LoRA/adapters/prompt", finetuning_model_check(seed, model_coords)))
     return results

@@ -29,8 +29,10 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .attention import AttentionCache, attend, causal_attention_backward, causal_attention_forward, merge_heads, split_heads
+from .attention import (attend, bidirectional_attention_backward, bidirectional_attention_forward,
+                        causal_attention_backward, causal_attention_forward, merge_heads, split_heads)
 from .config import GPTConfig
+from .errors import TinygenError
 from .layers import (
     EmbeddingCache,
     GeluCache,
@@ -111,7 +113,8 @@ def projection_backward(dout, cache):
 class SelfAttentionCache(NamedTuple):
     linear: Part  # the linear part used for both projections
     c_attn: tuple  # its cache: ln_1 out (B,T,C) -> qkv (B,T,3C)
-    attn: Optional[AttentionCache]  # q, k, v (B,H,T,D) and the probabilities; None when decoding (no backward)
+    attn: Optional[tuple]  # AttentionCache (or BidirectionalCache): q, k, v (B,H,T,D), the probabilities;
+    #                        None when decoding (no backward)
     c_proj: tuple  # its cache: y (B,T,C) -> (B,T,C)
 
 
@@ -155,6 +158,32 @@ def cached_attention(qkv, n_head, k_buf, v_buf, start):
     v_buf[:, :, start:end] = v
     y, _ = attend(q, k_buf[:, :, :end], v_buf[:, :, :end])
     return merge_heads(y)
+
+
+# ------------------------------------------------------------------ attention without the mask
+def bidirectional_self_attention_forward(x, params, name, ctx):
+    """x (B,T,C) -> c_proj(bidirectional_attention(c_attn(x))) (B,T,C): every position sees every
+    other, the future included (GPTConfig.causal False). The same parameters as GPT-2's attention.
+
+    No decoding with a KV cache: a new token would change what every earlier position sees."""
+    if ctx.kv is not None:
+        raise TinygenError("a bidirectional model (causal=False) has no KV-cache decoding: it does not "
+                           "generate left to right")
+    linear, n_head = ctx.parts.linear, ctx.config.n_head
+    qkv, c_attn = linear.forward(x, params, name + ".c_attn", ctx)  # (B,T,3C)
+    y, attn = bidirectional_attention_forward(qkv, n_head, ctx.config.dropout, ctx.rng)  # (B,T,C)
+    y, c_proj = linear.forward(y, params, name + ".c_proj", ctx)  # (B,T,C)
+    return y, SelfAttentionCache(linear, c_attn, attn, c_proj)
+
+
+def bidirectional_self_attention_backward(dout, cache):
+    """dout (B,T,C) -> dx (B,T,C): the three steps of the forward in reverse."""
+    linear = cache.linear
+    dy, grads = linear.backward(dout, cache.c_proj)
+    (dqkv,) = bidirectional_attention_backward(dy, cache.attn)  # (B,T,3C)
+    dx, g_attn = linear.backward(dqkv, cache.c_attn)
+    grads.update(g_attn)
+    return dx, grads
 
 
 # ------------------------------------------------------------------ mlp: the MLP sublayer
@@ -216,6 +245,7 @@ def token_embedding_backward(dtok, cache):
 # ------------------------------------------------------------------ the plain model
 LINEAR = Part(projection_forward, projection_backward)
 CAUSAL_SELF_ATTENTION = Part(self_attention_forward, self_attention_backward)
+BIDIRECTIONAL_SELF_ATTENTION = Part(bidirectional_self_attention_forward, bidirectional_self_attention_backward)
 MLP = Part(mlp_forward, mlp_backward)
 IDENTITY = Part(identity_forward, identity_backward)
 TOKEN_EMBEDDING = Part(token_embedding_forward, token_embedding_backward)
@@ -226,8 +256,10 @@ GPT2 = Parts(linear=LINEAR, attention=CAUSAL_SELF_ATTENTION, mlp=MLP, branch=IDE
 def parts_for(config: GPTConfig) -> Parts:
     """The parts of config's architecture, before any fine-tuning method attaches its own.
 
-    Every GPTConfig today describes GPT-2, so this is GPT2; a config field
-    that changes a part (non-causal attention, experts in the MLP) adds its
-    row here, and model.py stays as it is.
+    GPT2, with a part replaced for each config field that changes one (one
+    row each); model.py stays as it is.
     """
-    return GPT2
+    parts = GPT2
+    if not config.causal:  # masked language modelling: attention sees both sides
+        parts = parts._replace(attention=BIDIRECTIONAL_SELF_ATTENTION)
+    return parts
