@@ -78,6 +78,9 @@ def test_stop_string_ends_the_text(tinygen, run_dir):
     (["--prompt", "the", "--num-beams", "2", "--temperature", "0.5"], "--temperature"),
     (["--prompt", "the", "--num-beams", "2", "--num-samples", "3"], "num-samples"),
     (["--prompt", "the", "--stop", ""], "stop"),
+    (["--prompt", "the", "--min-new-tokens", "-1"], "--min-new-tokens must be an integer >= 0, got -1"),
+    (["--prompt", "the", "--suffix", "mat"], "--suffix needs a model trained for fill-in-the-middle"),
+    (["--prompt", "the", "--suffix", "mat", "--num-beams", "2"], "--suffix infills by sampling"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tinygen, run_dir, args, message):
     code, out, err = tinygen("--model", run_dir, *args)
@@ -89,3 +92,15 @@ def test_bad_flag_values_and_missing_model(tinygen, run_dir, tmp_path):
     assert code == 2 and "--temperature" in err  # argparse's message
     code, _, err = tinygen("--model", tmp_path / "nothing", "--prompt", "x")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_min_new_tokens_holds_off_end_of_text(tinygen, run_dir):
+    """With <|endoftext|> as the only stop, min_new_tokens N gives at least N new tokens (sampled and beams)."""
+    tok = Tokenizer.load_dir(run_dir)
+    for seed in range(3):
+        code, out, _ = tinygen("--model", run_dir, "--prompt", "the", "--max-new-tokens", 12, "--seed", seed,
+                               "--min-new-tokens", 12)
+        assert code == 0 and len(tok.encode(out[len("the"):-1])) >= 10  # 12 tokens; a re-encoding may merge some
+    code, out, _ = tinygen("--model", run_dir, "--prompt", "the", "--max-new-tokens", 6, "--num-beams", 2,
+                           "--min-new-tokens", 6)
+    assert code == 0 and out.startswith("the")

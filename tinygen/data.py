@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .config import POSITIVE, number, optional, option, validate
+from .config import POSITIVE, number, one_of, optional, option, validate
 from .errors import TinygenError
 from .plumbing.fileio import atomic_open, atomic_write_json, read_json
 from .plumbing.rundir import TOKENS_INFO, TRAIN_TOKENS, VAL_TOKENS
@@ -67,9 +67,17 @@ class DataConfig:
     exclude_modules: Optional[str] = option(
         None, "standard-library modules to leave out of the built-in corpus, comma-separated "
         "(the demo leaves out the modules its fine-tuning tasks are evaluated on)", optional(_text))
+    objective: str = option("next-token", "what the model learns: next-token (GPT-2, causal) or mlm (masked "
+                            "language modelling, BERT: bidirectional attention); see docs/objectives.md",
+                            one_of("next-token", "mlm"))
+    fim_rate: float = option(0.0, "fill-in-the-middle: the share of documents rearranged as prefix/suffix/middle "
+                             "(next-token only; 0 = plain text)", number(0.0, 1.0))
 
     def __post_init__(self):
         validate(self)
+        if self.objective == "mlm" and self.fim_rate:
+            raise TinygenError(f"DataConfig.fim_rate must be 0 with objective 'mlm', got {self.fim_rate}: "
+                               "fill-in-the-middle rearranges text for next-token prediction")
 
     @property
     def excluded(self) -> frozenset:

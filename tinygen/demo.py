@@ -240,7 +240,8 @@ def build_report(cfg, runs, few, times, elapsed, examples) -> dict:
 def _scores(table, task) -> dict:
     """{"val_loss", "accuracy", "scores": {value: [value, low, high]}} of one run on one task."""
     s = table.get(task, {})
-    return {"val_loss": s.get("val_loss"), "accuracy": s.get("accuracy"), "scores": s.get("scores", {})}
+    return {"val_loss": s.get("val_loss"), "accuracy": s.get("accuracy"), "scores": s.get("scores", {}),
+            "empty": s.get("empty"), "decoded": s.get("decoded")}
 
 
 def _differences(a, b) -> dict:
@@ -317,8 +318,9 @@ def report_markdown(report) -> str:
              "Held-out (test-split) scores of greedy completions: the loss per completion token (lower is "
              "better), exact match, and each task's own metric (higher is better), each with a bootstrap 95% "
              "interval over the test examples in brackets. Columns: fine-tuned from the pretrained model (full, "
-             "LoRA), fine-tuned from random initialisation (full), the pretrained model few-shot with no training.",
-             ""]
+             "LoRA), fine-tuned from random initialisation (full), the pretrained model few-shot with no training. "
+             "An empty completion (end-of-text as the first greedy token) scores 0 on every metric; the last row "
+             "counts them.", ""]
     for task, row in report["tasks"].items():
         beat = "yes" if report["pretrained_beats_scratch"][task] else "NO"
         names = list(row["pretrained_full"].get("scores") or {"val_loss": 0, "exact_match": 0})
@@ -329,6 +331,9 @@ def report_markdown(report) -> str:
         for name in names if row["pretrained_full"].get("scores") else ():
             lines.append(f"| {VALUE_NAMES.get(name, name)} | "
                          + " | ".join(_cell(row[c].get("scores", {}), name) for c in cols) + " |")
+        if row["pretrained_full"].get("decoded"):
+            lines.append("| empty completions | " + " | ".join(f"{row[c]['empty']} of {row[c]['decoded']}" for c in cols)
+                         + " |")
         lines += ["", f"Pretrained beats scratch on held-out loss: {beat}.", ""]
         lines += _differences_markdown(report.get("differences", {}).get(task, {}))
     lines += ["## Multi-task vs single-task fine-tuning (full, from the pretrained model, same steps)", ""]
@@ -348,7 +353,7 @@ def report_markdown(report) -> str:
         lines += ["```text", s["prompt"], "```", f"reference: `{s['reference'].strip()}`", ""]
         for name in ("greedy", "greedy_min1", "sampled"):
             score = ", ".join(f"{VALUE_NAMES.get(k, k)} {v:.2f}" for k, v in s.get("scores", {}).get(name, {}).items())
-            lines.append(f"- {name}: {s[name].strip()!r}" + (f" ({score})" if score else ""))
+            lines.append(f"- {name}: {s[name]!r}" + (f" ({score})" if score else ""))
         lines.append("")
     lines += ["Loss curves: `pretrain/loss.svg`, `finetune_loss.svg`; numbers: `report.json`.", ""]
     return "\n".join(lines)

@@ -14,6 +14,12 @@ turns flags into settings and prints) and by the demo's pretraining stage
     train_model                      a GPT and tinygen.train.train on the cached tokens
     samples, bits_per_byte           what the command prints at the end
 
+The data settings' `objective` picks what the model learns (docs/objectives.md):
+next-token prediction (GPT-2), with `fim_rate` of its documents rearranged for
+fill-in-the-middle (tinygen.fim), or masked language modelling (tinygen.mlm, a
+bidirectional model). Each adds its special tokens to the tokenizer, before
+<|endoftext|>, which stays the last id (config.json's eos_token_id).
+
 A run directory holds everything needed to continue it: the settings it
 was started with (RunSettings, as JSON), the tokenizer, the token cache
 and the checkpoint; `pretrain(resume_settings(RUN_DIR), resume=True)`
@@ -34,7 +40,9 @@ from .config import option, validate
 from .data import (DataConfig, RandomBatches, TokenData, builtin_corpus, fixed_batches, load_token_cache,
                    read_documents, split_documents, text_slice, token_cache)
 from .errors import TinygenError
+from .fim import FIM_TOKENS, FimBatches
 from .gpt import GPT
+from .mlm import MASK, MaskedBatches, fixed_masked_batches, masking_ids
 from .plumbing.fileio import atomic_write_json, read_json
 from .plumbing.progress import Progress
 from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE
@@ -208,6 +216,16 @@ def start_run(settings: RunSettings, *, resume: bool = False, overwrite: bool = 
 
 
 # ------------------------------------------------------------------ data
+def special_tokens(data: DataConfig) -> list:
+    """The special tokens the objective needs, <|endoftext|> last (so its id is vocab_size - 1).
+
+    >>> special_tokens(DataConfig()), special_tokens(DataConfig(objective="mlm"))
+    (['<|endoftext|>'], ['<|mask|>', '<|endoftext|>'])
+    """
+    extra = [MASK] if data.objective == "mlm" else list(FIM_TOKENS) if data.fim_rate > 0 else []
+    return extra + [ENDOFTEXT]
+
+
 def load_tokenizer(path) -> Tokenizer:
     """A tokenizer file, or a directory holding one, that has the <|endoftext|> separator."""
     tok = Tokenizer.load_dir(path) if os.path.isdir(path) else Tokenizer.load(path)
@@ -245,6 +263,9 @@ def prepare_data(settings: RunSettings, *, resume: bool = False, progress: bool 
     texts = text_slice(train_docs, data.tokenizer_bytes)
     key = {"texts": _digest_texts(texts), "vocab_size": config.vocab_size, "pattern": data.pattern,
            "tokenizer": settings.tokenizer}
+    specials = special_tokens(data)
+    if specials != [ENDOFTEXT]:  # recorded only when there are more, so older caches keep matching
+        key["special_tokens"] = specials
     previous = load_token_cache(data_dir)
     if resume and os.path.isfile(tok_path):
         tok = Tokenizer.load(tok_path)
@@ -253,12 +274,16 @@ def prepare_data(settings: RunSettings, *, resume: bool = False, progress: bool 
         say(f"reusing {tok_path}")
     elif settings.tokenizer:
         tok = load_tokenizer(settings.tokenizer)
+        missing = [t for t in specials if t not in tok.special_tokens]
+        if missing:
+            raise TinygenError(f"tokenizer {settings.tokenizer} has no {missing[0]} special token, which objective "
+                               f"{data.objective!r} (fim_rate {data.fim_rate}) needs")
         tok.save(tok_path)
     else:
         n_bytes = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
         say(f"tokenizer: BPE to {config.vocab_size} tokens on {n_bytes:,} bytes of the training split")
         bar = Progress(total=config.vocab_size - 257, desc="tokenizer", unit="merge", enabled=progress)
-        tok = Tokenizer.train(texts, config.vocab_size, pattern=data.pattern, special_tokens=[ENDOFTEXT],
+        tok = Tokenizer.train(texts, config.vocab_size, pattern=data.pattern, special_tokens=specials,
                               progress=bar)
         bar.close()
         tok.save(tok_path)
@@ -287,14 +312,40 @@ def train_model(settings: RunSettings, tok: Tokenizer, tokens: TokenData, *, res
     Raises tinygen.train.TrainingDiverged on a NaN or inf loss or gradient.
     """
     config = settings.train
-    model = GPT(config.model_config(tok.vocab_size), seed=config.seed)
+    model = GPT(model_config(settings, tok), seed=config.seed)
     say(f"{model.num_params / 1e6:.2f}M parameters, {tokens.train.size:,} training tokens, "
         f"{tokens.val.size:,} validation tokens; {config.max_steps} steps of {config.tokens_per_step:,} tokens")
-    batches = RandomBatches(tokens.train, config.batch_size * config.grad_accum, config.block_size, config.seed)
-    val = fixed_batches(tokens.val, config.eval_batches, config.batch_size, config.block_size, config.seed)
+    batches, val = objective_batches(settings, tok, tokens)
     result = train(model, batches, config, settings.run_dir, val_batches=val, resume=resume,
                    progress=None if progress else False, log=say)
     return model, result
+
+
+def model_config(settings: RunSettings, tok: Tokenizer):
+    """The GPTConfig of the run: the settings' shape, bidirectional attention for masked language modelling."""
+    config = settings.train.model_config(tok.vocab_size)
+    return dataclasses.replace(config, causal=False) if settings.data.objective == "mlm" else config
+
+
+def objective_batches(settings: RunSettings, tok: Tokenizer, tokens: TokenData) -> tuple:
+    """(batches(step) -> (x, y), fixed validation batches) of the run's objective.
+
+    next-token: windows and the same shifted by one (data.RandomBatches), or with fim_rate > 0 those
+      windows' documents rearranged (fim.FimBatches); validation on plain text either way, so
+      val_loss is the left-to-right loss, comparable between rates.
+    mlm: windows with BERT's masking, targets at the chosen positions (mlm.MaskedBatches);
+      validation masked the same way.
+    """
+    config, data = settings.train, settings.data
+    rows, T, seed = config.batch_size * config.grad_accum, config.block_size, config.seed
+    if data.objective == "mlm":
+        ids = masking_ids(tok)
+        return (MaskedBatches(tokens.train, rows, T, seed, *ids),
+                fixed_masked_batches(tokens.val, config.eval_batches, config.batch_size, T, seed, *ids))
+    val = fixed_batches(tokens.val, config.eval_batches, config.batch_size, T, seed)
+    if data.fim_rate > 0:
+        return FimBatches(tokens.train, rows, T, seed, tok, data.fim_rate), val
+    return RandomBatches(tokens.train, rows, T, seed), val
 
 
 def pretrain(settings: RunSettings, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -13,10 +13,10 @@ import sys
 from .. import __version__
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
-from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
+from . import demo, fill_mask, finetune, gradcheck, pretrain, sample, tokenizer
 
 # in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, and the demo
-COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck]
+COMMANDS = [demo, tokenizer, pretrain, finetune, sample, fill_mask, gradcheck]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@
     tinygen pretrain --preset tiny --out runs/t   # seconds
     tinygen pretrain --data notes/ --max-steps 2000 --out runs/notes
     tinygen pretrain --resume runs/notes --max-steps 4000
+    tinygen pretrain --fim-rate 0.5 --out runs/fim    # fill-in-the-middle on half the documents
+    tinygen pretrain --objective mlm --out runs/mlm   # a masked language model (tinygen fill-mask)
 
 This module only turns flags into settings (`resolve`) and prints; the
 pipeline itself (settings, tokenizer, token cache, training, samples) is
@@ -102,6 +104,8 @@ def run(args) -> int:
         say(f"stopped at step {result.step}; continue with: tinygen pretrain --resume {settings.run_dir}")
         return 130
     print(f"run directory: {settings.run_dir}")
+    if settings.data.objective == "mlm":
+        return _report_mlm(args, settings, out)
     if result.val_loss is not None:
         print(f"step {result.step}: val loss {result.val_loss:.4f} nats/token = "
               f"{bits_per_byte(result.val_loss, out.tokens.info):.3f} bits/byte "
@@ -111,4 +115,22 @@ def run(args) -> int:
         prompts = args.prompt or default_prompts(settings, args.samples)
         for prompt, text in samples(out.model, out.tokenizer, prompts[:args.samples], args.sample_tokens):
             print(f"--- {prompt!r}\n{prompt}{text}")
+    return 0
+
+
+def _report_mlm(args, settings, out) -> int:
+    """A masked language model's ending: its loss on masked tokens, and fill-mask on the prompts + <|mask|>."""
+    from ..mlm import MASK, fill_mask
+    from .fill_mask import format_candidates
+
+    if out.result.val_loss is not None:
+        print(f"step {out.result.step}: val loss {out.result.val_loss:.4f} nats per masked token "
+              f"(training time {format_duration(out.result.elapsed_s)})")
+    if args.samples > 0:
+        print(f"fill-mask (a masked language model does not generate; tinygen fill-mask --model {settings.run_dir} "
+              f"--text ...):")
+        prompts = args.prompt or [p + MASK for p in default_prompts(settings, args.samples)]
+        for text in prompts[:args.samples]:
+            print(f"--- {text!r}")
+            print(format_candidates(text, fill_mask(out.model, out.tokenizer, text, 3)))
     return 0

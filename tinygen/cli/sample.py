@@ -1,11 +1,16 @@
 """`tinygen sample`: continue a prompt with a trained model, streaming the text to stdout.
 
     tinygen sample --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 1
+    tinygen sample --model runs/fim --prompt "def area(r):" --suffix "    return a" --temperature 0
 
 Each sample prints the prompt and then its continuation as it is generated;
 generation ends at the tokenizer's <|endoftext|>, at a --stop string, or after
 --max-new-tokens tokens. --num-beams > 1 runs beam search instead (no
 sampling options; it prints the --num-samples best beams when it is done).
+--suffix infills instead (a model pretrained with --fim-rate > 0): the
+prompt becomes <|fim_prefix|> PROMPT <|fim_suffix|> SUFFIX <|fim_middle|>,
+the model writes the middle until end-of-text, and the command prints
+PROMPT + middle + SUFFIX. A masked language model cannot sample at all.
 Bad input (an empty or too long prompt, an option out of range) is one line
 on stderr and exit code 2.
 """
@@ -34,6 +39,11 @@ def add_parser(sub):
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, sampling)")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default: 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
+    p.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                   help="end-of-text cannot end a sample before N new tokens (Hugging Face's min_new_tokens)")
+    p.add_argument("--suffix", default=None, metavar="TEXT",
+                   help="infill: write what goes between --prompt and TEXT (a model trained with --fim-rate > 0); "
+                   "prints prompt, middle and suffix")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the generated text contains TEXT, printed without it (repeatable; e.g. "
                    "--stop $'\\n\\n'); with --num-beams the text is cut there after the search")
@@ -56,10 +66,33 @@ def _encode_prompt(tokenizer, model, text):
     return ids
 
 
+def _infill_ids(tokenizer, model, args):
+    """--prompt and --suffix as a fill-in-the-middle prompt (PSM), checked like a prompt."""
+    from ..fim import FIM_MIDDLE, fim_ids, infill_prompt
+
+    try:
+        fim_ids(tokenizer)
+    except TinygenError:
+        raise TinygenError(f"--suffix needs a model trained for fill-in-the-middle (tinygen pretrain --fim-rate R > 0); "
+                           f"{args.model}'s tokenizer has no {FIM_MIDDLE} token") from None
+    ids = infill_prompt(tokenizer, args.prompt, args.suffix)
+    if len(ids) > model.config.block_size:
+        raise TinygenError(f"--prompt and --suffix are {len(ids)} tokens with the fill-in-the-middle markers, more "
+                           f"than the model's context of {model.config.block_size}: shorten them")
+    if max(ids) >= model.config.vocab_size:
+        raise TinygenError(f"the tokenizer's id {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}: "
+                           "are the model and tokenizer from the same run?")
+    return ids
+
+
 def _check_args(args):
     from ..sampling import check_sampling_options
 
     require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
+    if args.min_new_tokens is not None:
+        require("--min-new-tokens", args.min_new_tokens, NON_NEGATIVE)
+    if args.suffix is not None and args.num_beams > 1:
+        raise TinygenError("--suffix infills by sampling; it does not combine with --num-beams")
     require("--num-samples", args.num_samples, POSITIVE)
     require("--num-beams", args.num_beams, POSITIVE)
     if args.num_beams > 1:
@@ -76,20 +109,23 @@ def _check_args(args):
 def run(args) -> int:
     from ..finetuning.finetune import is_finetuned_run, load_run
     from ..gpt import GPT
-    from ..sampling import make_rng, stream
+    from ..sampling import make_rng, require_causal, stream
     from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
     # A fine-tuned run holds either a whole model or adapter weights over its base.
     model = load_run(args.model) if is_finetuned_run(args.model) else GPT.from_pretrained(args.model)
+    require_causal(model.config, "tinygen sample")
     tokenizer = Tokenizer.load_dir(args.model)
-    ids = _encode_prompt(tokenizer, model, args.prompt)
+    ids = _encode_prompt(tokenizer, model, args.prompt) if args.suffix is None else _infill_ids(tokenizer, model, args)
     stops = list(args.stop or []) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
     out = sys.stdout
     if args.num_beams > 1:
         return _run_beams(args, model, tokenizer, ids, stops, out)
     rng = make_rng(args.seed)  # one generator for all samples: each differs, all reproducible
     options = {f: getattr(args, f) for f in SAMPLING_FLAGS[:-1] if getattr(args, f) is not None}
+    if args.min_new_tokens is not None:
+        options["min_new_tokens"] = args.min_new_tokens
     for i in range(args.num_samples):
         if i:
             out.write("\n" + "-" * 40 + "\n")
@@ -98,6 +134,7 @@ def run(args) -> int:
         for piece in stream(model, tokenizer, ids, args.max_new_tokens, stop=stops, seed=rng, **options):
             out.write(piece)
             out.flush()
+        out.write(args.suffix or "")
         out.write("\n")
     out.flush()
     return 0
@@ -107,7 +144,7 @@ def _run_beams(args, model, tokenizer, ids, stops, out):
     from ..beam import beam_search
 
     result = beam_search(model, ids, args.max_new_tokens, args.num_beams, eos_id=tokenizer.eot_id,
-                         num_return_sequences=args.num_samples)
+                         num_return_sequences=args.num_samples, min_new_tokens=args.min_new_tokens or 0)
     texts = [s for s in stops if isinstance(s, str)]
     for i in range(args.num_samples):
         new = result.ids[i, len(ids):len(ids) + result.lengths[i]].tolist()

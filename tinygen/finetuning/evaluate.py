@@ -138,7 +138,8 @@ def intervals(stats: dict) -> dict:
 
 
 def evaluate_tasks(model, tokenizer, examples, n_accuracy=64, cut_newline=False) -> dict:
-    """{task: {"val_loss", "accuracy", "examples", "scores", "stats", "metrics"}} on held-out examples.
+    """{task: {"val_loss", "accuracy", "examples", "decoded", "empty", "scores", "stats", "metrics"}}
+    on held-out examples.
 
     The loss uses every example; exact match and the task's metrics the greedy
     completions of the first n_accuracy of each task (greedy decoding is the
@@ -146,7 +147,8 @@ def evaluate_tasks(model, tokenizer, examples, n_accuracy=64, cut_newline=False)
     interval over the examples, for val_loss, exact_match and each metric's
     values; "stats": the per-example numbers they come from (metrics.example_stats,
     "loss" = evaluate.example_losses), which tinygen.demo compares run against run;
-    "metrics": the task's metric names.
+    "metrics": the task's metric names; "decoded": how many were decoded, "empty": how many of
+    those completions are empty (end-of-text first) or only spaces, which every metric scores 0.
     """
     cap = capacity(model)
     out = {}
@@ -155,11 +157,13 @@ def evaluate_tasks(model, tokenizer, examples, n_accuracy=64, cut_newline=False)
         losses = example_losses(model, encoded)
         decoded = items[:n_accuracy]
         names = task_metrics(task, items)
-        stats = {"loss": losses, **score_completions(names, completions(model, tokenizer, decoded, cut_newline=cut_newline), decoded)}
+        texts = completions(model, tokenizer, decoded, cut_newline=cut_newline)
+        stats = {"loss": losses, **score_completions(names, texts, decoded)}
         total, count = losses.sum(axis=0)
         acc = float(stats["exact_match"].mean()) if decoded else 0.0
         out[task] = {"val_loss": round(float(total / max(count, 1)), 4), "accuracy": round(acc, 4),
-                     "examples": len(items), "metrics": list(names), "scores": intervals(stats),
+                     "examples": len(items), "decoded": len(decoded), "empty": sum(not t.strip() for t in texts),
+                     "metrics": list(names), "scores": intervals(stats),
                      "stats": {k: np.round(v, 6).tolist() for k, v in stats.items()}}
     return out
 

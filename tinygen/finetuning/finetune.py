@@ -43,7 +43,8 @@ from ..train import TrainConfig, train
 from .evaluate import capacity, evaluate_tasks
 from .lora import TARGETS
 from .methods import METHODS
-from .tasks import TASKS, batches, builtin_examples, encode_examples, make_batch, read_jsonl, split_examples
+from .tasks import (TASKS, batches, builtin_examples, encode_examples, fim_encode_examples, make_batch, read_jsonl,
+                    split_examples)
 
 ADAPTER_FILE = "adapter.safetensors"
 FINETUNE_FILE = "finetune.json"
@@ -99,6 +100,9 @@ class FinetuneConfig:
     seed: int = option(0, "seed of the new weights and the batch order", NON_NEGATIVE)
     workers: int = option(0, "threads that each run a shard of every batch (0 = one per core; 1 = one stream)",
                           NON_NEGATIVE)
+    fim_rate: float = option(0.0, "fill-in-the-middle: the share of training examples (prompt + completion) "
+                             "rearranged to infill their middle; needs a base pretrained with --fim-rate > 0",
+                             number(0.0, 1.0))
 
     def __post_init__(self):
         validate(self)
@@ -271,6 +275,10 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     pad = tokenizer.eot_id
     if encoded is None:
         encoded = {s: encode_examples(splits[s], tokenizer, capacity(model)) for s in ("train", "val")}
+        if fc.fim_rate:
+            encoded["train"] = fim_encode_examples(splits["train"], tokenizer, capacity(model), fc.fim_rate, fc.seed)
+    elif fc.fim_rate:
+        raise TinygenError("fim_rate > 0 rearranges the training examples as they are encoded: pass encoded=None")
     train_enc, val_enc = encoded["train"], encoded["val"] or encoded["train"]
     B = fc.batch_size
     val_batches = [make_batch(val_enc[i:i + B], pad) for i in range(0, min(len(val_enc), B * fc.eval_batches), B)]

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import TinygenError
+from ..fim import fim_ids, rearrange
 from ..loss import IGNORE
 from .metrics import check_metric_names
 
@@ -285,6 +286,32 @@ def encode_examples(examples, tokenizer, block_size, eot_id=None) -> list:
             continue
         p = p[max(0, len(p) + len(c) - (block_size + 1)):]
         out.append(Encoded(np.array(p + c, dtype=np.int64), len(p), e.task))
+    return out
+
+
+FIM_STREAM = 3  # default_rng([seed, FIM_STREAM]): which examples fim_encode_examples rearranges, and where
+
+
+def fim_encode_examples(examples, tokenizer, block_size, rate, seed=0) -> list:
+    """encode_examples, with a share `rate` of the examples rearranged for fill-in-the-middle (tinygen.fim).
+
+    A rearranged example is its whole text, prompt + completion, cut at two
+    random characters and put in PSM or SPM order: the context up to
+    <|fim_middle|> (and the prefix, in SPM) plays the prompt, the middle and
+    an EOT the completion the loss counts. Which examples, and where they are
+    cut, is fixed by `seed` for the whole run. One that would not fit in
+    block_size + 1 ids stays a plain example.
+    """
+    fim_ids(tokenizer)
+    rng = np.random.default_rng([seed, FIM_STREAM])
+    out = []
+    for e in examples:
+        if rng.random() < rate:
+            ids, n_context = rearrange(tokenizer, e.prompt + e.completion, rng)
+            if len(ids) + 1 <= block_size + 1:
+                out.append(Encoded(np.array(ids + [tokenizer.eot_id], dtype=np.int64), n_context, e.task))
+                continue
+        out += encode_examples([e], tokenizer, block_size)
     return out
 
 
