@@ -126,6 +126,9 @@ def test_capacity_takes_first_choices_before_second_choices():
     np.testing.assert_allclose(cache.load, [0.5, 0.5, 0.0])  # counted before the capacity
     first = [dense_mlp(x[0, n], *(w[cache.top[n, 0]] for w in experts))[0] for n in range(6)]
     np.testing.assert_allclose(y[0], cache.gates[:, :1] * np.array(first), rtol=1e-12)
+    _, _, _, *expert_grads = moe_backward(np.ones_like(y), cache)
+    assert all(not g[2].any() for g in expert_grads)  # expert 2 got no assignment: zero gradients
+    assert all(g[0].any() for g in expert_grads)
 
 
 def test_capacity_keeps_the_earlier_tokens_and_drops_the_rest_to_zero():
@@ -271,3 +274,27 @@ def test_config_json_that_contradicts_itself_is_refused():
         GPTConfig.from_hf(hf)
     with pytest.raises(TinygenError, match="model_type must be 'gpt2' or 'tinygen_moe'"):
         GPTConfig.from_hf({**GPTConfig(**BASE).to_hf(), "model_type": "mixtral"})
+
+
+# ------------------------------------------------------------------ the expert-load plot
+def test_expert_load_svg_has_one_panel_per_block_and_a_line_per_expert(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from tinygen.plumbing.plot import write_expert_load_svg
+
+    rows = [{"step": s, "train_loss": 3.0, "expert_load": {"h.1": [0.5, 0.25, 0.25], "h.3": [0.2, 0.2, 0.6]}}
+            for s in range(1, 60)]
+    path = tmp_path / "expert_load.svg"
+    write_expert_load_svg(path, [{"step": 0, "val_loss": 7.0}] + rows)  # a row without loads is skipped
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    panels = root.findall(f"{ns}svg")
+    assert len(panels) == 2 and root.get("height") == str(2 * int(panels[0].get("height")))
+    titles = [t.text for t in root.iter(f"{ns}text") if t.text and t.text.startswith("expert load")]
+    assert titles == ["expert load, h.1", "expert load, h.3"]
+    legend = {t.text for t in root.iter(f"{ns}text")}
+    assert {"expert 0", "expert 1", "expert 2", "1/E"} <= legend
+    ids = [e.get("id") for e in root.iter() if e.get("id")]
+    assert len(ids) == len(set(ids)) == 2  # one clip path per panel, unique
+    write_expert_load_svg(path, [{"step": 1, "train_loss": 2.0}])  # a dense run: one "no data" panel
+    assert "no data" in path.read_text()

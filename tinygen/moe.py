@@ -69,6 +69,20 @@ def moe_shapes(n_embd: int, n_expert: int) -> dict:
             "experts.c_proj.weight": (E, 4 * C, C), "experts.c_proj.bias": (E, C)}
 
 
+def active_params(params: dict, top_k: int) -> int:
+    """Parameters a token uses: all of them, except that of each block's E experts it runs k.
+
+    Expert tensors ("...experts.*", leading axis E) count k/E of their size; everything
+    else (embeddings, attention, dense MLPs, routers) counts whole.
+    >>> active_params({"wte.weight": np.zeros((5, 2)), "h.1.mlp.experts.c_fc.bias": np.zeros((4, 8))}, 1)
+    18
+    """
+    total = 0
+    for name, p in params.items():
+        total += p.size * top_k // p.shape[0] if ".experts." in name else p.size
+    return total
+
+
 def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: Optional[float]) -> Optional[int]:
     """ceil(capacity_factor * N * k / E) assignments per expert; None (no limit) without a factor.
 
@@ -239,11 +253,12 @@ def moe_backward(dout, cache: MoECache, daux=0.0):
     gate_of = cache.gates.T.reshape(-1)  # (kN,)
     dgate_of = np.zeros(k * N, dtype=dy.dtype)  # (kN,) stays 0 for dropped assignments
     dx = np.zeros_like(xf)  # (N, C)
-    dfc_w, dfc_b = np.zeros_like(fc_w), np.zeros_like(fc_b)
-    dproj_w, dproj_b = np.zeros_like(proj_w), np.zeros_like(proj_b)
+    dfc_w, dfc_b = np.empty_like(fc_w), np.empty_like(fc_b)  # every slice [e] is written below
+    dproj_w, dproj_b = np.empty_like(proj_w), np.empty_like(proj_b)
     for e, ex in enumerate(cache.experts):
-        if ex.slots.size == 0:
-            continue  # an idle expert: its gradients are 0
+        if ex.slots.size == 0:  # an idle expert: its gradients are 0
+            dfc_w[e], dfc_b[e], dproj_w[e], dproj_b[e] = 0.0, 0.0, 0.0, 0.0
+            continue
         rows = ex.slots % N  # (M_e,) distinct tokens
         dy_rows = dy[rows]  # (M_e, C)
         dgate_of[ex.slots] = np.einsum("mc,mc->m", dy_rows, ex.out)
@@ -261,3 +276,52 @@ def moe_backward(dout, cache: MoECache, daux=0.0):
     dxr, drouter_w, drouter_b = linear_backward(dz, cache.router)
     dx += dxr  # x feeds both the router and the experts
     return dx.reshape(cache.shape), drouter_w, drouter_b, dfc_w, dfc_b, dproj_w, dproj_b
+
+
+# ------------------------------------------------------------------ the MLP part of a model with experts
+class DenseMlpCache(NamedTuple):
+    part: tuple  # the dense MLP part that ran (a block without a router)
+    cache: tuple  # its cache
+
+
+class ExpertMlpCache(NamedTuple):
+    name: str  # "h.{i}.mlp": the parameters are NAME.router.weight, NAME.experts.c_fc.weight, ...
+    layer: MoECache
+    daux: float  # aux_loss_coef * ctx.aux_scale: the weight of this block's aux in the differentiated loss
+
+
+def moe_mlp_forward(x, params, name, ctx, dense):
+    """The MLP part of a model with experts (a tinygen.parts.Part with `dense` bound).
+
+    x (B,T,C) -> (B,T,C). A block with a router (NAME.router.weight in params) runs
+    moe_forward; a block without one runs `dense`, GPT-2's MLP part.
+    A training forward (ctx.rng given, as for dropout) applies the capacity and
+    appends (NAME.aux, aux_loss_coef * aux) to ctx.aux; evaluation and decoding
+    route every token and measure the language-model loss alone (docs/moe.md: the
+    capacity depends on the rest of the batch, so it has no place at inference).
+    ctx.stats receives "expert_load" (each expert's share of the assignments) and
+    "expert_dropped" (the share the capacity dropped), by block ("h.{i}").
+    """
+    if name + ".router.weight" not in params:
+        out, cache = dense.forward(x, params, name, ctx)
+        return out, DenseMlpCache(dense, cache)
+    config, training = ctx.config, ctx.rng is not None
+    y, layer = moe_forward(x, *(params[f"{name}.{n}"] for n in NAMES), top_k=config.expert_top_k,
+                           capacity_factor=config.capacity_factor if training else None)
+    if training and ctx.aux is not None:
+        ctx.aux.append((name + ".aux", config.aux_loss_coef * layer.aux))
+    if ctx.stats is not None:
+        block = name.rsplit(".", 1)[0]  # "h.3.mlp" -> "h.3"
+        ctx.stats.setdefault("expert_load", {})[block] = layer.load.tolist()
+        ctx.stats.setdefault("expert_dropped", {})[block] = layer.dropped
+    daux = config.aux_loss_coef * ctx.aux_scale if training else 0.0
+    return y, ExpertMlpCache(name, layer, daux)
+
+
+def moe_mlp_backward(dout, cache):
+    """dout (B,T,C) -> (dx (B,T,C), {parameter name: gradient}); an expert block's
+    gradients include its load-balancing loss's, weighted by cache.daux."""
+    if isinstance(cache, DenseMlpCache):
+        return cache.part.backward(dout, cache.cache)
+    dx, *grads = moe_backward(dout, cache.layer, cache.daux)
+    return dx, {f"{cache.name}.{n}": g for n, g in zip(NAMES, grads)}

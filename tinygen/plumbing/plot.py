@@ -6,7 +6,8 @@ one polyline per series, a legend, and axis labels. A point whose y is None
 or NaN breaks its line into separate segments; a lone point is drawn as a
 dot; a plot with no finite points says "no data". `write_loss_svg` draws
 train_loss and val_loss from the rows of a metrics log and writes
-RUN_DIR/loss.svg atomically.
+RUN_DIR/loss.svg atomically; `write_expert_load_svg` draws each expert's
+share of the routed tokens, one panel per block with experts (RUN_DIR/expert_load.svg).
 
 Coordinates: data (x, y) maps to pixels (px, py) with py growing downwards:
 
@@ -22,7 +23,8 @@ from .fileio import atomic_write_text
 
 WIDTH, HEIGHT = 720, 440
 LEFT, RIGHT, TOP, BOTTOM = 72, 24, 46, 58  # margins around the plot area, pixels
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 MARKERS_UP_TO = 40  # series with at most this many points also get a dot per point
 
@@ -230,3 +232,35 @@ def write_loss_svg(path, metrics_rows: list[dict], title: str = "loss") -> None:
         series[label] = [(row["step"], row[key]) for row in metrics_rows
                          if row.get(key) is not None and row.get("step") is not None]
     atomic_write_text(path, loss_svg(series, title))
+
+
+def stacked_svg(documents: list[str]) -> str:
+    """SVG documents (each WIDTH x HEIGHT, as loss_svg draws them) one above the other, as one
+    document: each becomes a nested <svg> element placed `y` pixels down."""
+    inner = []
+    for i, doc in enumerate(documents):
+        body = doc[doc.index(">") + 1:doc.rindex("</svg>")]  # drop the outer <svg ...> and </svg>
+        body = body.replace("plot-area", f"plot-area-{i}")  # ids are unique per document
+        inner.append(f'<svg x="0" y="{i * HEIGHT}" width="{WIDTH}" height="{HEIGHT}">{body}</svg>')
+    height = HEIGHT * max(1, len(documents))
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+            f'viewBox="0 0 {WIDTH} {height}">')
+    return "\n".join([head, *inner, "</svg>"]) + "\n"
+
+
+def write_expert_load_svg(path, metrics_rows: list[dict]) -> None:
+    """Plot each expert's share of the routed tokens against step, one panel per block
+    with experts, from the rows' "expert_load" ({block: [share of expert 0, 1, ...]}); write atomically.
+
+    A reference series "1/E" marks perfect balance. Rows without the key are skipped.
+    """
+    rows = [r for r in metrics_rows if isinstance(r.get("expert_load"), dict) and r.get("step") is not None]
+    blocks = list(rows[-1]["expert_load"]) if rows else []
+    panels = []
+    for block in blocks:
+        n_expert = len(rows[-1]["expert_load"][block])
+        series = {f"expert {e}": [(r["step"], r["expert_load"][block][e]) for r in rows if block in r["expert_load"]]
+                  for e in range(n_expert)}
+        series["1/E"] = [(rows[0]["step"], 1 / n_expert), (rows[-1]["step"], 1 / n_expert)]
+        panels.append(loss_svg(series, f"expert load, {block}", ylabel="share of routed tokens"))
+    atomic_write_text(path, stacked_svg(panels or [loss_svg({}, "expert load")]))
