@@ -52,7 +52,7 @@ def model_config(name: str):
 
 def param_counts(name: str) -> tuple:
     """(total, active per token) parameters of a model."""
-    from tinygen.model import GPT
+    from tinygen.gpt import GPT
     from tinygen.moe import active_params
 
     config = model_config(name)
@@ -65,7 +65,7 @@ def step_child(name: str, steps: int, warmup: int, seed: int = 0) -> dict:
     """Runs in a child process: `warmup` untimed then `steps` timed training steps; ms per step."""
     import numpy as np
 
-    from tinygen.model import GPT
+    from tinygen.gpt import GPT
     from tinygen.optim import AdamW, clip_grad_norm
     from tinygen.plumbing.memory import reuse_freed_memory
     from tinygen.plumbing.parallel import Workers, default_workers
@@ -87,12 +87,14 @@ def step_child(name: str, steps: int, warmup: int, seed: int = 0) -> dict:
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             accumulate_grads(model, opt, workers, batch, train_config, i)
+            t1 = time.perf_counter()
             clip_grad_norm(opt.grad_buffer, common.CLIP, workers)
             opt.step(opt.grads, common.LR)
             if i >= warmup:
-                samples.append((time.perf_counter() - t0) * 1e3)
-    return {"model": name, "step_ms": common.median(samples), "samples_ms": samples,
-            "tokens_per_s": B * T / (common.median(samples) / 1e3)}
+                samples.append(((time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3))
+    step_ms = common.median([s for s, _ in samples])
+    return {"model": name, "step_ms": step_ms, "fwdbwd_ms": common.median([f for _, f in samples]),
+            "samples_ms": samples, "tokens_per_s": B * T / (step_ms / 1e3)}
 
 
 def time_steps(names, rounds, steps, warmup) -> dict:
@@ -103,11 +105,12 @@ def time_steps(names, rounds, steps, warmup) -> dict:
             runs[n].append(common.run_in_subprocess("bench_moe:step_child", dict(name=n, steps=steps, warmup=warmup)))
     out = {}
     for n in names:
-        step_ms = [run["step_ms"] for run in runs[n]]
-        ratios = [a["step_ms"] / d["step_ms"] for a, d in zip(runs[n], runs["dense"])]  # within a round
-        out[n] = {"step_ms": common.median(step_ms), "spread": common.spread(step_ms),
-                  "ratio_to_dense": common.median(ratios), "ratio_range": [min(ratios), max(ratios)],
-                  "tokens_per_s": common.median([run["tokens_per_s"] for run in runs[n]])}
+        out[n] = {"tokens_per_s": common.median([run["tokens_per_s"] for run in runs[n]])}
+        for key in ("step_ms", "fwdbwd_ms"):
+            values = [run[key] for run in runs[n]]
+            ratios = [a[key] / d[key] for a, d in zip(runs[n], runs["dense"])]  # within a round
+            out[n].update({key: common.median(values), key + "_spread": common.spread(values),
+                           key + "_ratio": common.median(ratios), key + "_ratio_range": [min(ratios), max(ratios)]})
     return out
 
 
@@ -170,16 +173,19 @@ def summarize_training(rows: dict) -> dict:
 
 # ------------------------------------------------------------------ report
 def report(names, steps, training, machine, load_after):
-    headers = ["model", "params total", "active / token", "step ms", "MoE/dense step (range)", "tokens/s (step)"]
+    headers = ["model", "params total", "active / token", "step ms", "step / dense (range)", "fwd+bwd ms",
+               "fwd+bwd / dense (range)", "tokens/s (step)"]
     if training:
         headers += ["val loss", "val loss at dense's time", "train tokens/s", "max expert share x E"]
     rows = []
     for n in names:
         total, active = param_counts(n)
         s = steps[n]
-        row = [n, f"{total:,}", f"{active:,}", common.fmt(s["step_ms"]),
-               f"{s['ratio_to_dense']:.2f} ({s['ratio_range'][0]:.2f}-{s['ratio_range'][1]:.2f})",
-               common.fmt(s["tokens_per_s"], ",.0f")]
+        row = [n, f"{total:,}", f"{active:,}"]
+        for key in ("step_ms", "fwdbwd_ms"):
+            low, high = s[key + "_ratio_range"]
+            row += [common.fmt(s[key]), f"{s[key + '_ratio']:.2f} ({low:.2f}-{high:.2f})"]
+        row.append(common.fmt(s["tokens_per_s"], ",.0f"))
         if training and n not in training:
             row += ["-"] * 4
         elif training:

@@ -40,7 +40,7 @@ class Step:
 
     def __init__(self, cfg: dict, seed: int, workers: int):
         from tinygen.plumbing.memory import reuse_freed_memory
-        from tinygen.model import GPT
+        from tinygen.gpt import GPT
         from tinygen.optim import AdamW
         from tinygen.plumbing.parallel import Workers, default_workers, ranges
         from tinygen.train import TrainConfig

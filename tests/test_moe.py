@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinygen.moe
-from tinygen.cli.gradcheck import TIE_MARGIN, draw_moe_layer, moe_with_aux_backward, moe_with_aux_forward
+from tinygen.moe_check import TIE_MARGIN, draw_moe_layer, moe_with_aux_backward, moe_with_aux_forward
 from tinygen.config import MOE_MODEL_TYPE, GPTConfig
 from tinygen.errors import TinygenError
 from tinygen.gradient_check import THRESHOLD, check_layer

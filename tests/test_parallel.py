@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
-from tinygen.finetuning.lora import LoraSpec, init_lora
+from tinygen.finetuning.lora import LoraSpec, init_lora, lora_linear
 from tinygen.loss import IGNORE
-from tinygen.model import GPT
+from tinygen.gpt import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
 from tinygen.plumbing.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
@@ -105,7 +105,7 @@ def lora_model(seed=0):
     spec = LoraSpec(rank=2, alpha=4.0, targets=("c_attn", "c_fc"))
     extra = init_lora(base.params, spec, np.random.default_rng(seed))
     extra = {k: (v + 0.1 if k.endswith("lora_B") else v) for k, v in extra.items()}
-    return GPT(base.config, params={**base.params, **extra}, lora=spec)
+    return GPT(base.config, params={**base.params, **extra}, parts=base.parts._replace(linear=lora_linear(spec, base.parts.linear)))
 
 
 @given(st.integers(1, 5), st.integers(1, 2), st.integers(1, 4), st.booleans(), st.data())

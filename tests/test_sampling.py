@@ -8,7 +8,8 @@ from hypothesis.extra import numpy as hnp
 from tinygen.config import GPTConfig
 from tinygen.kv_decoding import Decoder, decode_step
 from tinygen.errors import TinygenError
-from tinygen.model import GPT, KVCache
+from tinygen import GPT, KVCache
+from tinygen.finetuning.prompt_tuning import init_prompt, prompt_embed
 from tinygen.sampling import (
     generate,
     min_p_filter,
@@ -352,10 +353,10 @@ def test_stream_yields_exactly_the_decoded_text():
 def test_prompt_tuned_model_windows_count_the_virtual_tokens():
     """Virtual prompt tokens take positions, so a window holds block_size - n real tokens;
     such models take the general path (GPT.forward with the cache), with the same results."""
-    from tinygen.finetuning.prompt_tuning import init_prompt
-
-    model = tiny_model(block=8)
-    model.params.update(init_prompt(model.params["wte.weight"], 3, np.random.default_rng(0)))
+    plain = tiny_model(block=8)
+    params = {**plain.params, **init_prompt(plain.params["wte.weight"], 3, np.random.default_rng(0))}
+    model = GPT(plain.config, params=params, parts=plain.parts._replace(embed=prompt_embed(plain.parts.embed)))
+    assert not Decoder(model, 1).fast and Decoder(plain, 1).fast
     prompt = np.array([[1, 2, 3, 4]])
     cached = generate(model, prompt, 12, temperature=0)
     assert np.array_equal(cached, generate(model, prompt, 12, temperature=0, use_cache=False))

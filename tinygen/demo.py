@@ -28,7 +28,7 @@ from .finetuning.evaluate import evaluate_tasks, few_shot_examples, greedy_compl
 from .plumbing.fileio import atomic_write_json, atomic_write_text
 from .finetuning.finetune import FinetuneConfig, run as finetune
 from .plumbing.metrics import read_metrics
-from .model import GPT
+from .gpt import GPT
 from .plumbing.plot import loss_svg
 from .plumbing.progress import Progress, format_duration
 from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules

@@ -145,3 +145,39 @@ def check_model(model, idx, targets, max_coords=16, seed=0, names=None) -> dict:
     names = list(model.params) if names is None else names
     inputs = {k: model.params[k] for k in names}
     return gradcheck(lambda: model.loss(idx, targets), inputs, grads, max_coords, seed)
+
+
+def check_part(part, x, params, name, ctx, max_coords=64, seed=0) -> dict:
+    """Gradient-check a model part (tinygen.parts.Part) with the surrogate loss
+
+        sum(out * dout) + ctx.aux_scale * (the auxiliary losses the forward appends to ctx.aux)
+
+    x: the part's input, float64 (or integer ids for an embed part: no dx is checked);
+    params: float64 arrays by name, the part's among them; ctx: a tinygen.parts.Context.
+    A ctx.rng is rewound to its current state before every forward, so dropout
+    masks stay the same. Returns {"x": error, parameter name: error, ...} for the
+    input and every parameter the part returned a gradient for.
+
+        check_part(MLP, x, params, "h.0.mlp", make_context(config))   # {'x': ~1e-10, 'h.0.mlp.c_fc.weight': ...}
+    """
+    ctx = ctx._replace(aux=[])
+    state = None if ctx.rng is None else ctx.rng.bit_generator.state
+
+    def forward():
+        if state is not None:
+            ctx.rng.bit_generator.state = state
+        ctx.aux.clear()
+        return part.forward(x, params, name, ctx)
+
+    out, cache = forward()
+    dout = np.random.default_rng(seed).standard_normal(np.shape(out))
+    dx, grads = part.backward(dout, cache)
+
+    def f():
+        out, _ = forward()
+        return float(np.sum(out * dout)) + ctx.aux_scale * sum(value for _, value in ctx.aux)
+
+    inputs = {k: params[k] for k in grads}
+    if _is_float(x):
+        inputs, grads = {"x": x, **inputs}, {"x": dx, **grads}
+    return gradcheck(f, inputs, grads, max_coords, seed + 1)

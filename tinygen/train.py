@@ -35,7 +35,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_train_state, save_train_state
+from .checkpoint import (EXPERT_LOAD_SVG, LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_train_state,
+                         save_train_state)
 from .config import GPTConfig
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
@@ -44,7 +45,7 @@ from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .loss import IGNORE
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
 from .plumbing.parallel import Workers, default_workers, ranges
-from .plumbing.plot import write_loss_svg
+from .plumbing.plot import write_expert_load_svg, write_loss_svg
 from .plumbing.progress import Progress, format_rate
 
 
@@ -60,6 +61,11 @@ class TrainConfig:
     n_embd: int = 128
     dropout: float = 0.0
     dtype: str = "float32"
+    n_expert: int = 0
+    expert_top_k: int = 2
+    moe_every: int = 2
+    aux_loss_coef: float = 0.01
+    capacity_factor: Optional[float] = None
     # optimization
     batch_size: int = 16
     grad_accum: int = 1
@@ -114,7 +120,9 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         try:
             return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, dtype=self.dtype)
+                             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, dtype=self.dtype,
+                             n_expert=self.n_expert, expert_top_k=self.expert_top_k, moe_every=self.moe_every,
+                             aux_loss_coef=self.aux_loss_coef, capacity_factor=self.capacity_factor)
         except TinygenError as e:
             raise TinygenError(str(e).replace("GPTConfig.", "TrainConfig.")) from None
 
@@ -138,6 +146,11 @@ HELP = {
     "n_embd": "width of the residual stream",
     "dropout": "dropout probability while training (0 = off)",
     "dtype": "float32 or float64 parameters and activations",
+    "n_expert": "experts in each mixture-of-experts block (0 = dense GPT-2)",
+    "expert_top_k": "experts each token is routed to (GLaM: 2)",
+    "moe_every": "every moe_every-th block has experts (GLaM: 2, every other block)",
+    "aux_loss_coef": "weight of the experts' load-balancing loss in the training loss",
+    "capacity_factor": "each expert takes at most ceil(factor * tokens * k / E) tokens of a batch; None = no limit",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches summed into each optimizer step",
     "max_steps": "optimizer steps to train to (with --resume: continue up to this step)",
@@ -235,8 +248,9 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
             lr = config.lr_at(step)
+            measured = {}  # the step's auxiliary losses and the parts' measurements (experts' load)
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
-                train_loss = accumulate_grads(model, opt, workers, batches(step), config, step)
+                train_loss = accumulate_grads(model, opt, workers, batches(step), config, step, measured)
                 if config.grad_clip > 0:
                     norm = clip_grad_norm(opt.grad_buffer, config.grad_clip, workers)
                 else:
@@ -253,7 +267,7 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
             elapsed = elapsed0 + time.perf_counter() - t_start
             metrics.append({"step": done, "tokens": done * config.tokens_per_step, "train_loss": train_loss,
                             "val_loss": val_loss if is_eval else None, "lr": lr, "grad_norm": norm,
-                            "tokens_per_sec": config.tokens_per_step / dt, "elapsed_s": elapsed})
+                            "tokens_per_sec": config.tokens_per_step / dt, "elapsed_s": elapsed, **measured})
             progress.update(done, loss=round(train_loss, 4), **{"tok/s": format_rate(config.tokens_per_step / dt)})
             interrupted = stop.is_set()
             if interrupted or done % config.checkpoint_interval == 0 or done == config.max_steps:
@@ -291,7 +305,10 @@ def _save(run_dir, step, model, opt, config, elapsed, save_weights):
     info = {"seed": config.seed, "elapsed_s": elapsed, "tokens": step * config.tokens_per_step,
             "workers": opt.workers.n}  # the resolved count: --workers 0 depends on the machine
     save_train_state(os.path.join(run_dir, TRAIN_STATE), step, params, opt.state_dict(), info)
-    write_loss_svg(os.path.join(run_dir, LOSS_SVG), read_metrics(os.path.join(run_dir, METRICS)))
+    rows = read_metrics(os.path.join(run_dir, METRICS))
+    write_loss_svg(os.path.join(run_dir, LOSS_SVG), rows)
+    if any("expert_load" in row for row in rows):
+        write_expert_load_svg(os.path.join(run_dir, EXPERT_LOAD_SVG), rows)
 
 
 def _diverged(step, loss, norm, run_dir) -> str:
@@ -302,7 +319,7 @@ def _diverged(step, loss, norm, run_dir) -> str:
             f"({last}) is intact; try a lower --lr or --grad-clip")
 
 
-def accumulate_grads(model, opt, workers, batch, config, step) -> float:
+def accumulate_grads(model, opt, workers, batch, config, step, measured: Optional[dict] = None) -> float:
     """One step's gradient, summed over its shards into opt.grads; returns the step's loss.
 
     The step's loss is the mean over the A micro-batches of each one's mean
@@ -311,6 +328,10 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
     loss is the sum of weight * shard loss, the gradient the sum of the
     shards' gradients of weight * shard loss. W shards of one micro-batch
     run at once, on W threads.
+    measured: a dict that receives, when the model reports any, "lm_loss" and
+    "aux_loss" (the step's loss without and with only its auxiliary losses, same
+    weights) and the parts' measurements ({metric: {name: value}}, each the
+    same weighted mean over the shards, e.g. "expert_load").
     """
     x, y = batch
     if x.shape != y.shape or x.shape[0] != config.batch_size * config.grad_accum:
@@ -319,13 +340,15 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
     B, A = config.batch_size, config.grad_accum
     shards = ranges(B, min(workers.n, B))  # (start, stop) rows of a micro-batch
 
-    def run(shard):  # -> (weighted loss, grads of the weighted loss)
+    def run(shard):  # -> (weighted loss, grads of the weighted loss, weighted aux loss, weight, stats)
         index, rows, weight = shard
         rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
-        loss, grads = model.loss_and_grads(x[rows], y[rows], rng, scale=weight)
-        return weight * float(loss), {n: grads[n] for n in opt.flat.slices}  # frozen ones' are dropped now
+        stats = {}
+        loss, grads, aux = model.loss_and_grads(x[rows], y[rows], rng, scale=weight, return_aux=True, stats=stats)
+        grads = {n: grads[n] for n in opt.flat.slices}  # frozen ones' are dropped now
+        return weight * float(loss), grads, weight * sum(aux.values()), weight, stats
 
-    total = 0.0
+    total, reports = 0.0, []
     for a in range(A):
         counted = y[a * B:(a + 1) * B] != IGNORE  # (B, T)
         n = int(counted.sum())
@@ -334,9 +357,25 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
             weight = int(counted[lo:hi].sum()) / n / A if n else 0.0
             jobs.append((a * len(shards) + i, slice(a * B + lo, a * B + hi), weight))
         results = workers.map(run, jobs)
-        total += sum(loss for loss, _ in results)
-        _sum_into(opt, [grads for _, grads in results], workers, accumulate=a > 0)
+        total += sum(r[0] for r in results)
+        _sum_into(opt, [r[1] for r in results], workers, accumulate=a > 0)
+        reports += [r[2:] for r in results]
+    if measured is not None and any(aux or stats for aux, _, stats in reports):
+        measured.update(_weighted_report(total, reports))
     return total
+
+
+def _weighted_report(total, reports) -> dict:
+    """The shards' auxiliary losses and measurements, as the step's weighted means.
+
+    reports: [(weighted aux loss, weight, {metric: {name: value or list}})] per shard."""
+    aux = sum(r[0] for r in reports)
+    out = {"lm_loss": total - aux, "aux_loss": aux}
+    weights = sum(w for _, w, _ in reports)
+    for metric in reports[0][2]:
+        out[metric] = {name: (sum(w * np.asarray(s[metric][name]) for _, w, s in reports) / (weights or 1.0)).tolist()
+                       for name in reports[0][2][metric]}
+    return out
 
 
 def _sum_into(opt, grads, workers, accumulate):

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..finetuning.adapters import adapter_backward, adapter_forward, init_adapters
+from ..finetuning.adapters import ADAPTER, adapter_backward, adapter_forward, init_adapters
 from ..attention import causal_attention_backward, causal_attention_forward
 from ..config import GPTConfig
 from ..layers import (
@@ -24,12 +24,14 @@ from ..layers import (
     linear_backward,
     linear_forward,
 )
-from ..finetuning.lora import LoraSpec, init_lora, lora_linear_backward, lora_linear_forward
+from ..finetuning.lora import LoraSpec, init_lora, lora_linear, lora_linear_backward, lora_linear_forward
 from ..loss import cross_entropy_backward, cross_entropy_forward
-from ..model import GPT, block_backward, block_forward, init_params
-from ..gradient_check import EPS, THRESHOLD, check_layer, check_model
-from ..moe import NAMES as MOE_NAMES, moe_backward, moe_forward, routing_margin
-from ..finetuning.prompt_tuning import init_prompt, prompt_backward, prompt_forward
+from ..gpt import GPT
+from ..model import block_backward, block_forward, init_params
+from .. import moe_check
+from ..parts import GPT2, make_context
+from ..gradient_check import THRESHOLD, check_layer, check_model
+from ..finetuning.prompt_tuning import init_prompt, prompt_backward, prompt_embed, prompt_forward
 
 
 def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):
@@ -41,61 +43,14 @@ def block_check(rng, B=2, T=5, C=8, n_head=2, max_coords=64, seed=0):
     names = ["x"] + list(params)
 
     def forward(x, *weights):
-        return block_forward(x, dict(zip(names[1:], weights)), 0, n_head)
+        return block_forward(x, dict(zip(names[1:], weights)), 0, make_context(config))
 
     def backward(dout, cache):
-        dx, g = block_backward(dout, cache, 0)
+        dx, g = block_backward(dout, cache)
         return (dx, *(g[k] for k in names[1:]))
 
     x = rng.standard_normal((B, T, C))
     return check_layer(forward, backward, [x, *params.values()], names=names, max_coords=max_coords, seed=seed)
-
-
-# Router logits must stay this far from a tie between the k-th and (k+1)-th expert: the
-# five-point stencil moves one input by up to 2 EPS, which moves a logit by 2 EPS |w| << this.
-TIE_MARGIN = 200 * EPS
-
-
-def draw_moe_layer(rng, B=2, T=5, C=4, E=4, top_k=2, scale=1.0):
-    """A MoE layer's float64 inputs [x, router_w, router_b, fc_w, fc_b, proj_w, proj_b],
-    redrawn until the routing margin (ordered: valid with a capacity too) is at least
-    TIE_MARGIN (docs/moe.md: why)."""
-    for _ in range(100):
-        x, router_w, router_b = rng.standard_normal((B, T, C)), rng.standard_normal((C, E)), rng.standard_normal(E)
-        if routing_margin(x.reshape(-1, C) @ router_w + router_b, top_k, ordered=True) >= TIE_MARGIN:
-            break
-    else:
-        raise AssertionError("no draw away from routing ties in 100 tries")  # a try fails with p <= 0.6 at the tests' sizes
-    experts = [scale * rng.standard_normal(s) for s in ((E, C, 4 * C), (E, 4 * C), (E, 4 * C, C), (E, C))]
-    return [x, router_w, router_b, *experts]
-
-
-def moe_with_aux_forward(x, *weights, **options):
-    """moe_forward with its load-balancing loss appended to the flattened output: (N*C + 1,).
-
-    The surrogate sum(out * dout) then weighs aux by dout[-1], which is the daux
-    moe_backward takes, so one check covers both paths of the gradient."""
-    y, cache = moe_forward(x, *weights, **options)
-    return np.concatenate([y.reshape(-1), [cache.aux]]), cache
-
-
-def moe_with_aux_backward(dout, cache):
-    return moe_backward(dout[:-1].reshape(cache.shape), cache, daux=dout[-1])
-
-
-def moe_checks(rng, max_coords=64, seed=0):
-    """[(layer, {tensor: (shape, error)})] for the MoE layer: top-2 of 4 experts, with and
-    without a capacity that drops assignments, and top-1 of 1 (the dense MLP)."""
-    results = []
-    for label, E, k, factor in (("moe layer (top-2 of 4)", 4, 2, None),
-                                ("moe layer (capacity 0.5)", 4, 2, 0.5),
-                                ("moe layer (1 expert)", 1, 1, None)):
-        args = draw_moe_layer(rng, E=E, top_k=k)
-        options = {"top_k": k, "capacity_factor": factor}
-        names = ["x", *MOE_NAMES]
-        errors = check_layer(moe_with_aux_forward, moe_with_aux_backward, args, options, names, max_coords, seed)
-        results.append((label, {n: (a.shape, errors[n]) for n, a in zip(names, args)}))
-    return results
 
 
 def layer_checks(seed=0, max_coords=64):
@@ -126,7 +81,9 @@ def layer_checks(seed=0, max_coords=64):
         results.append((layer, {n: (shapes[n], e) for n, e in errors.items()}))
     errors = block_check(rng, max_coords=max_coords, seed=seed)
     results.append(("transformer block", {n: (None, e) for n, e in errors.items()}))
-    results += moe_checks(rng, max_coords, seed)
+    results += moe_check.layer_checks(rng, max_coords, seed)
+    results.append(moe_check.part_check(rng, max_coords, seed))
+    results.append(moe_check.block_check(rng, max_coords=max_coords, seed=seed))
     return results
 
 
@@ -160,7 +117,8 @@ def finetune_model_check(seed=0, max_coords=16):
     for k in params:  # the zero-initialised halves (lora_B, adapter up) must be nonzero to test the others
         if k.endswith(("lora_B", "up.weight", "up.bias")):
             params[k] = params[k] + rng.normal(0, 0.3, params[k].shape)
-    model = GPT(config, params=params, lora=spec)
+    parts = GPT2._replace(linear=lora_linear(spec, GPT2.linear), branch=ADAPTER, embed=prompt_embed(GPT2.embed))
+    model = GPT(config, params=params, parts=parts)
     idx = rng.integers(0, config.vocab_size, (2, 6))  # 2 virtual + 6 real positions = block_size
     targets = rng.integers(0, config.vocab_size, (2, 6))
     targets[0, :3] = -1  # prompt positions of a fine-tuning batch
@@ -213,6 +171,7 @@ def run(args) -> int:
     results = layer_checks(args.seed, args.max_coords)
     results.append(model_check(args.seed, max(4, args.max_coords // 4)))
     results.append(finetune_model_check(args.seed, max(4, args.max_coords // 4)))
+    results.append(moe_check.model_check(args.seed, max(4, args.max_coords // 4)))
     text, failed = format_table(results, args.threshold)
     print(text)
     rows = sum(len(t) for _, t in results)

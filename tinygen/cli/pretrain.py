@@ -22,7 +22,8 @@ from ..data import (DataConfig, RandomBatches, builtin_corpus, fixed_batches, lo
                     read_documents, split_documents, text_slice, token_cache)
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_json, read_json
-from ..model import GPT
+from ..gpt import GPT
+from ..moe import active_params
 from ..plumbing.progress import Progress, format_duration
 from ..tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from ..train import HELP, PRESETS, TrainConfig, TrainingDiverged, train
@@ -151,7 +152,8 @@ def start_run_dir(settings, overwrite: bool) -> None:
         raise TinygenError(f"{run_dir} already holds a run (checkpoint at step {step}): continue it with "
                            f"--resume {run_dir} [--max-steps N], start over with --overwrite, or pick another --out")
     os.makedirs(run_dir, exist_ok=True)
-    for name in (ckpt.TRAIN_STATE, ckpt.MODEL, ckpt.CONFIG, ckpt.METRICS, ckpt.LOSS_SVG):
+    for name in (ckpt.TRAIN_STATE, ckpt.MODEL, ckpt.CONFIG, ckpt.METRICS, ckpt.LOSS_SVG,
+                 ckpt.EXPERT_LOAD_SVG):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
     atomic_write_json(os.path.join(run_dir, ckpt.TRAIN_CONFIG), settings)
@@ -279,7 +281,9 @@ def run(args) -> int:
         return 0
     tok, tokens = prepare_data(settings, resume, say)
     model = GPT(config.model_config(tok.vocab_size), seed=config.seed)
-    say(f"{model.num_params / 1e6:.2f}M parameters, {tokens.train.size:,} training tokens, "
+    active = f" ({active_params(model.params, model.config.expert_top_k) / 1e6:.2f}M active per token)" \
+        if model.config.n_expert else ""
+    say(f"{model.num_params / 1e6:.2f}M parameters{active}, {tokens.train.size:,} training tokens, "
         f"{tokens.val.size:,} validation tokens; {config.max_steps} steps of {config.tokens_per_step:,} tokens")
     batches = RandomBatches(tokens.train, config.batch_size * config.grad_accum, config.block_size, config.seed)
     val = fixed_batches(tokens.val, config.eval_batches, config.batch_size, config.block_size, config.seed)

@@ -76,14 +76,14 @@ def _check_args(args):
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
     from ..finetuning.finetune import is_finetuned_run, load_run
+    from ..gpt import GPT
     from ..sampling import make_rng, stream
     from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
     # A fine-tuned run holds either a whole model or adapter weights over its base.
-    model = load_run(args.model) if is_finetuned_run(args.model) else load_model(args.model)
+    model = load_run(args.model) if is_finetuned_run(args.model) else GPT.from_pretrained(args.model)
     tokenizer = Tokenizer.load_dir(args.model)
     ids = _encode_prompt(tokenizer, model, args.prompt)
     stops = list(args.stop or []) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
