@@ -22,7 +22,8 @@ def test_cli_gradcheck_passes_every_row(capsys):
     rows = table_rows(out)
     layers = {row.split("  ")[0].strip() for row in rows}
     assert {"linear", "embedding", "layernorm", "gelu", "causal attention", "cross-entropy",
-            "transformer block", "GPT (whole model)"} <= layers
+            "transformer block", "GPT (whole model)", "moe layer (top-2 of 4)", "moe layer (capacity 0.5)",
+            "transformer block (experts)", "GPT + experts (whole model)"} <= layers
     assert len(rows) > 40 and all(row.endswith(" pass") for row in rows)
     assert f"{len(rows)}/{len(rows)} passed" in out
 

@@ -40,6 +40,8 @@ Routing rules, stated exactly:
 `moe_backward(dy, cache, daux) -> (dx, *dweights)`, where daux is the weight
 of aux in the loss being differentiated (aux_loss_coef times the loss scale):
 the backward adds aux's gradient itself. docs/moe.md derives the backward.
+`moe_mlp_forward` / `moe_mlp_backward`, at the end, make the layer the MLP
+part of a model with experts (tinygen.parts.EXPERT_MLP).
 
 Shapes: B batch, T time, C width, N = B*T tokens, E experts, k experts per
 token (top_k), F = 4C the experts' hidden width, M_e assignments kept by e.

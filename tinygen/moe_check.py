@@ -98,7 +98,7 @@ def block_check(rng, B=2, T=5, C=8, n_head=2, E=4, k=2, capacity_factor=0.6, max
 
 
 def model_check(seed=0, max_coords=16, capacity_factor=0.8):
-    """('GPT with experts (whole model)', {param: (shape, error)}): every parameter of a float64
+    """('GPT + experts (whole model)', {param: (shape, error)}): every parameter of a float64
     model with experts in block 1 of 2, trained-mode loss = cross-entropy + the aux losses."""
     rng = np.random.default_rng(seed)
     config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
@@ -120,7 +120,7 @@ def model_check(seed=0, max_coords=16, capacity_factor=0.8):
 
     _, grads = model.loss_and_grads(idx, targets, rng=np.random.default_rng(0))
     errors = gradcheck(loss, model.params, grads, max_coords, seed)
-    return "GPT with experts (whole model)", {n: (model.params[n].shape, e) for n, e in errors.items()}
+    return "GPT + experts (whole model)", {n: (model.params[n].shape, e) for n, e in errors.items()}
 
 
 def part_check(rng, max_coords=64, seed=0):
