@@ -219,7 +219,7 @@ class GPTConfig:
             raise TinygenError("config.json: n_inner must be 4 * n_embd (GPT-2's MLP width)")
         extra = hf.get("tinygen", {})
         if extra.get("n_expert"):
-            raise TinygenError(f"config.json: model_type 'gpt2' with tinygen.n_expert={extra['n_expert']!r}: "
+            raise TinygenError(f"config.json: model_type 'gpt2' with n_expert={extra['n_expert']!r} under 'tinygen': "
                                f"a checkpoint with experts says model_type {MOE_MODEL_TYPE!r}; this file is "
                                "inconsistent, so tinygen will not guess which half is right")
         try:
@@ -244,9 +244,9 @@ class GPTConfig:
                                "holding the model's fields")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise TinygenError(f"config.json: unknown field tinygen.{unknown[0]}; written by a newer tinygen?")
+            raise TinygenError(f"config.json: unknown field {unknown[0]!r} under 'tinygen'; written by a newer tinygen?")
         if not values.get("n_expert"):
-            raise TinygenError(f"config.json: model_type {MOE_MODEL_TYPE!r} but tinygen.n_expert is "
+            raise TinygenError(f"config.json: model_type {MOE_MODEL_TYPE!r} but n_expert under 'tinygen' is "
                                f"{values.get('n_expert')!r}: a model with experts needs n_expert > 0")
         try:
             return cls(**values)

@@ -1,6 +1,6 @@
 """`tinygen demo`: the whole pipeline on built-in data, and whether pretraining paid off.
 
-    1 tasks      the built-in ast tasks (tinygen.tasks), split by module
+    1 tasks      the built-in ast tasks (tinygen.finetuning.tasks), split by module
     2 tokenizer  BPE trained on standard-library sources
     3 pretrain   a GPT-2 on those sources, minus every held-out module
     4 fine-tune  multi-task, from the pretrained model (full and LoRA) and

@@ -158,7 +158,7 @@ def load_balancing_loss(probs, counts):
     1.0
     """
     E = probs.shape[1]
-    f = counts / counts.sum()  # (E,) float64
+    f = (counts / counts.sum()).astype(probs.dtype)  # (E,)
     P = probs.mean(axis=0, dtype=np.float64)  # (E,)
     return float(E * np.dot(f, P)), f
 

@@ -159,7 +159,7 @@ class AdamW:
     Every element's update depends on that element alone, so the buffers are
     updated in cache-sized pieces of CHUNK elements (a whole-buffer op per
     line would stream all of p, g, m, v through memory ~15 times) and, given
-    `workers` (tinygen.parallel.Workers), in one contiguous range per
+    `workers` (tinygen.plumbing.parallel.Workers), in one contiguous range per
     thread. The result is the same bits either way.
 
     `trainable`: None (all), a predicate on the name, or a collection of names.
@@ -319,7 +319,7 @@ def _map(workers, fn, items) -> list:
 def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray, workers=None) -> float:
     """sqrt(sum over every gradient element of g**2), accumulated in float64.
 
-    `workers` (tinygen.parallel.Workers) splits a flat buffer between threads.
+    `workers` (tinygen.plumbing.parallel.Workers) splits a flat buffer between threads.
 
     >>> global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)})
     5.0

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/memory.py
+    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/plumbing/memory.py
     try:
         return int(args.run(args) or 0)
     except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

@@ -3,7 +3,7 @@
     base RUN_DIR (config.json, model.safetensors, tokenizer.json)
       + method parameters        LoRA A, B / adapters / prompt embeddings (none for full)
       + trainable(name)          which parameters AdamW updates (and keeps state for)
-      + batches with targets -1  on prompt and padding positions (tinygen.tasks)
+      + batches with targets -1  on prompt and padding positions (tinygen.finetuning.tasks)
       -> tinygen.train.train     the same loop, metrics, checkpoints and resume as pretraining
       -> per-task evaluation     loss and exact-match accuracy on the test split
 
