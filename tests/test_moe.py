@@ -536,8 +536,9 @@ def test_worker_threads_sum_to_the_one_stream_gradient(coef):
         with Workers(w) as workers:
             opt = AdamW(model.params, lr=1e-3, workers=workers)
             measured = {}
-            loss = accumulate_grads(model, opt, workers, batches(0), dataclasses.replace(config, workers=w), 0, measured)
-            runs.append((loss, opt.grad_buffer.copy(), measured))
+            loss = accumulate_grads(model, opt, batches(0), workers=workers, config=dataclasses.replace(config, workers=w),
+                                    step=0, measured=measured)
+            runs.append((loss, np.concatenate([opt.grads[k].ravel() for k in sorted(opt.grads)]), measured))
     (loss1, g1, m1), (loss2, g2, m2) = runs
     assert m1["lm_loss"] == pytest.approx(m2["lm_loss"], rel=1e-12)
     np.testing.assert_allclose(m1["expert_load"]["h.1"], m2["expert_load"]["h.1"], rtol=1e-12)

@@ -62,7 +62,7 @@ def test_workers_run_in_the_callers_numpy_error_state():
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])
 def test_workers_reject_a_bad_count(n):
-    with pytest.raises(TinygenError, match="positive number of threads"):
+    with pytest.raises(TinygenError, match=r"Workers n \(threads\) must be a positive integer"):
         Workers(n)
 
 
@@ -124,7 +124,7 @@ def test_sharded_step_equals_one_stream(B, A, n_workers, with_lora, data):
                          dtype="float64", workers=n_workers)
     with Workers(n_workers) as workers:
         opt = AdamW(model.params, lr=1e-3, workers=workers, trainable=trainable)
-        loss = accumulate_grads(model, opt, workers, (x, y), config, step=0)
+        loss = accumulate_grads(model, opt, (x, y), workers=workers, config=config, step=0)
     assert loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
     assert set(opt.grads) == {k for k in want if trainable is None or trainable(k)}
     for k in opt.grads:

@@ -37,17 +37,8 @@ from .config import LAYER_NORM_EPS, GPTConfig
 from .errors import TinygenError
 from .model import param_shapes
 from .plumbing.fileio import atomic_write_json, read_json
+from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE  # noqa: F401
 from .plumbing.safetensors import load_file, load_metadata, save_file
-
-CONFIG = "config.json"
-MODEL = "model.safetensors"
-TOKENIZER = "tokenizer.json"
-TRAIN_CONFIG = "train_config.json"
-TRAIN_STATE = "train_state.safetensors"
-METRICS = "metrics.jsonl"
-LOSS_SVG = "loss.svg"
-EXPERT_LOAD_SVG = "expert_load.svg"  # models with experts: each expert's share of the tokens over training
-DATA_DIR = "data"
 
 TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "tinygen-train-state", "1"
 HF_PREFIX = "transformer."

@@ -33,7 +33,8 @@ import numbers
 import numpy as np
 
 from .errors import TinygenError
-from .layers import GELU_A, GELU_K, LN_EPS
+from .config import LAYER_NORM_EPS
+from .layers import GELU_A, GELU_K
 from .model import KVCache
 from .parts import GPT2
 
@@ -49,7 +50,7 @@ def _layernorm(x, w, b):
     xc = x - mean  # (B, C)
     var = np.add.reduce(xc * xc, axis=-1, keepdims=True)  # (B, 1)
     var /= C
-    var += LN_EPS
+    var += LAYER_NORM_EPS
     xc *= 1.0 / np.sqrt(var)
     xc *= w
     xc += b

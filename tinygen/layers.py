@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+from .config import LAYER_NORM_EPS  # GPT-2's layer_norm_epsilon, 1e-5
+
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-GELU's inner scale, sqrt(2/pi)
 GELU_A = 0.044715  # tanh-GELU's cubic coefficient
 
@@ -87,7 +88,7 @@ class LayerNormCache(NamedTuple):
     w: np.ndarray  # (C,) gain
 
 
-def layernorm_forward(x, w, b, eps=LN_EPS):
+def layernorm_forward(x, w, b, eps=LAYER_NORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
 
     x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0

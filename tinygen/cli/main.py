@@ -3,11 +3,14 @@
 Each command module has `add_parser(subparsers)`, which registers its flags
 and `set_defaults(run=run)`; `run(args) -> int` is an importable function.
 Bad input (`TinygenError`, a missing file) becomes one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. `main` is the program: it treats the process
+as its own and raises malloc's thresholds for it (reuse_freed_memory), which
+the library leaves to its caller.
 """
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
 from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
@@ -21,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinygen",
         description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
     )
+    parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
+                        help="print tinygen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
@@ -31,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/plumbing/memory.py
+    reuse_freed_memory()  # the command owns its process, so it opts in (the library never does): plumbing/memory.py
     try:
         return int(args.run(args) or 0)
     except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

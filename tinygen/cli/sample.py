@@ -11,6 +11,7 @@ on stderr and exit code 2.
 """
 import sys
 
+from ..config import NON_NEGATIVE, POSITIVE, require
 from ..errors import TinygenError
 
 
@@ -26,7 +27,7 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, help="the text to continue (<|endoftext|> is allowed)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default: 100)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy; <1 sharper, >1 flatter (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (0: no limit, as in transformers)")
     p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens whose probabilities add up to p (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than min-p times the most likely one")
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages tokens already in the text (1.2 is typical)")
@@ -58,12 +59,9 @@ def _encode_prompt(tokenizer, model, text):
 def _check_args(args):
     from ..sampling import check_sampling_options
 
-    if args.max_new_tokens < 0:
-        raise TinygenError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise TinygenError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.num_beams < 1:
-        raise TinygenError(f"--num-beams must be >= 1, got {args.num_beams}")
+    require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
+    require("--num-samples", args.num_samples, POSITIVE)
+    require("--num-beams", args.num_beams, POSITIVE)
     if args.num_beams > 1:
         given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
         if given:

@@ -26,6 +26,8 @@ import json
 import os
 import secrets
 
+import numpy as np
+
 from ..errors import TinygenError
 
 
@@ -131,8 +133,15 @@ def atomic_write_json(path, obj, sort_keys: bool = False) -> None:
     >>> open("config.json", encoding="utf-8").read()
     '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 1\\n}\\n'
     """
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=_numpy_scalar)
     atomic_write_text(path, text + "\n")
+
+
+def _numpy_scalar(value):
+    """JSON for a NumPy scalar, which a config may hold (configs accept np.int64(5)): its Python value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def read_json(path, what: str = "JSON file"):
