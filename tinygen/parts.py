@@ -231,9 +231,8 @@ EXPERT_MLP = Part(partial(moe_mlp_forward, dense=MLP), moe_mlp_backward)  # expe
 def parts_for(config: GPTConfig) -> Parts:
     """The parts of config's architecture, before any fine-tuning method attaches its own.
 
-    Every GPTConfig today describes GPT-2, so this is GPT2; a config field
-    that changes a part (non-causal attention, experts in the MLP) adds its
-    row here, and model.py stays as it is.
+    GPT2, except that n_expert > 0 puts experts in the MLP (EXPERT_MLP). A
+    config field that changes a part adds its row here, and model.py stays as it is.
     """
     if config.n_expert:  # every moe_every-th block has experts (tinygen.moe), the others GPT-2's MLP
         return GPT2._replace(mlp=EXPERT_MLP)
