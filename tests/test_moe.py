@@ -309,7 +309,7 @@ def test_expert_load_svg_has_one_panel_per_block_and_a_line_per_expert(tmp_path)
     panels = root.findall(f"{ns}svg")
     assert len(panels) == 2 and root.get("height") == str(2 * int(panels[0].get("height")))
     titles = [t.text for t in root.iter(f"{ns}text") if t.text and t.text.startswith("expert load")]
-    assert titles == ["expert load, h.1", "expert load, h.3"]
+    assert titles == ["expert load, h.1 (mean over 25 steps)", "expert load, h.3 (mean over 25 steps)"]
     legend = {t.text for t in root.iter(f"{ns}text")}
     assert {"expert 0", "expert 1", "expert 2", "1/E"} <= legend
     ids = [e.get("id") for e in root.iter() if e.get("id")]

@@ -250,19 +250,39 @@ def stacked_svg(documents: list[str]) -> str:
     return "\n".join([head, *inner, "</svg>"]) + "\n"
 
 
-def write_expert_load_svg(path, metrics_rows: list[dict]) -> None:
+def running_mean(values: list, window: int) -> list:
+    """Mean of each value and the window - 1 before it (fewer at the start).
+
+    >>> running_mean([1, 3, 5, 7], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+LOAD_WINDOW = 25  # steps averaged in the expert-load plot: one step's shares are noisy
+
+
+def write_expert_load_svg(path, metrics_rows: list[dict], window: int = LOAD_WINDOW) -> None:
     """Plot each expert's share of the routed tokens against step, one panel per block
     with experts, from the rows' "expert_load" ({block: [share of expert 0, 1, ...]}); write atomically.
 
-    A reference series "1/E" marks perfect balance. Rows without the key are skipped.
+    Each line is the running mean over `window` steps. A reference series "1/E" marks
+    perfect balance. Rows without the key are skipped.
     """
     rows = [r for r in metrics_rows if isinstance(r.get("expert_load"), dict) and r.get("step") is not None]
     blocks = list(rows[-1]["expert_load"]) if rows else []
     panels = []
     for block in blocks:
         n_expert = len(rows[-1]["expert_load"][block])
-        series = {f"expert {e}": [(r["step"], r["expert_load"][block][e]) for r in rows if block in r["expert_load"]]
+        have = [r for r in rows if block in r["expert_load"]]
+        steps = [r["step"] for r in have]
+        series = {f"expert {e}": list(zip(steps, running_mean([r["expert_load"][block][e] for r in have], window)))
                   for e in range(n_expert)}
-        series["1/E"] = [(rows[0]["step"], 1 / n_expert), (rows[-1]["step"], 1 / n_expert)]
-        panels.append(loss_svg(series, f"expert load, {block}", ylabel="share of routed tokens"))
+        series["1/E"] = [(steps[0], 1 / n_expert), (steps[-1], 1 / n_expert)]
+        title = f"expert load, {block}" + (f" (mean over {window} steps)" if window > 1 else "")
+        panels.append(loss_svg(series, title, ylabel="share of routed tokens"))
     atomic_write_text(path, stacked_svg(panels or [loss_svg({}, "expert load")]))
