@@ -338,7 +338,7 @@ def test_atomic_write_json_format_and_read_json(tmp_path):
         '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1,\n  "é": "ü"\n}\n')
     assert read_json(tmp_path / "c.json") == {"a": [1, 2], "b": 1, "é": "ü"}
     atomic_write_bytes(tmp_path / "c.json", b'{"a": 1,\n')
-    with pytest.raises(TinygenError, match=r"run config .*c\.json is not valid JSON: line 2"):
+    with pytest.raises(TinygenError, match=r"run config .*c\.json: not valid JSON \(line 2"):
         read_json(tmp_path / "c.json", what="run config")
 
 

@@ -35,10 +35,12 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_train_state, save_train_state
+from .checkpoint import (LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_train_state, report_kept,
+                         save_train_state)
 from .config import GPTConfig
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
+from .plumbing.lock import run_lock
 from .plumbing.memory import reuse_freed_memory
 from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .loss import IGNORE
@@ -197,17 +199,21 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
       model.save_pretrained, i.e. config.json + model.safetensors).
     progress: a Progress, or None for the default one on stderr; False for none.
     log(message): where one-off messages (evaluations, Ctrl-C) go.
-    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient.
+    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient,
+    RunDirBusy if another process is writing run_dir (tinygen.plumbing.lock),
+    WriteError (naming the checkpoint kept) if a file cannot be written.
     """
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
-    save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
-    with Workers(config.workers or default_workers(config.batch_size)) as workers:
-        opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
-                    weight_decay=config.weight_decay, trainable=trainable, workers=workers)
-        return _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights,
-                      progress, log)
+    # issue 17: one writer per run directory (RunDirBusy names the other's pid), and a failed
+    # write (WriteError) says which checkpoint is kept. Re-apply as one `with` around the body.
+    with run_lock(run_dir), report_kept(run_dir):
+        reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
+        save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
+        with Workers(config.workers or default_workers(config.batch_size)) as workers:
+            opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
+                        weight_decay=config.weight_decay, trainable=trainable, workers=workers)
+            return _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights,
+                          progress, log)
 
 
 def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):

@@ -10,6 +10,7 @@ as SVG. docs/demo.md walks through the report.
 """
 from .flags import add_dataclass_arguments, dataclass_overrides
 from ..demo import TINY, DemoConfig, run as demo
+from ..plumbing.lock import run_lock
 
 HELP = {
     "vocab_size": "size of the BPE vocabulary trained on the corpus",
@@ -53,7 +54,9 @@ def add_parser(sub):
 
 def run(args) -> int:
     values = {**(TINY if args.tiny else {}), **dataclass_overrides(args, DemoConfig)}
-    report = demo(args.out, DemoConfig(**values))
+    config = DemoConfig(**values)
+    with run_lock(args.out):  # one demo per output directory (tinygen.plumbing.lock)
+        report = demo(args.out, config)
     for task, row in report["tasks"].items():
         cells = ", ".join(f"{name} {s['val_loss']:.3f} / {s['accuracy']:.0%}" for name, s in row.items())
         print(f"{task}: (loss / accuracy) {cells}")

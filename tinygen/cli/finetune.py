@@ -13,9 +13,10 @@ import os
 import sys
 
 from .flags import add_dataclass_arguments, dataclass_overrides
+from ..checkpoint import report_kept
 from ..errors import TinygenError
-from ..plumbing.fileio import read_json
-from ..finetuning.finetune import FINETUNE_FILE, METHODS, FinetuneConfig, run as finetune
+from ..plumbing.lock import run_lock
+from ..finetuning.finetune import FINETUNE_FILE, METHODS, FinetuneConfig, read_run_file, run as finetune
 
 HELP = {
     "method": f"what to train: {', '.join(METHODS)}",
@@ -69,12 +70,15 @@ def resolve(args):
         path = os.path.join(args.resume, FINETUNE_FILE)
         if not os.path.isfile(path):
             raise TinygenError(f"--resume {args.resume}: no {FINETUNE_FILE}, so not a fine-tuning run directory")
-        info = read_json(path, what="fine-tuning description")
+        info = read_run_file(args.resume)
         extra = sorted(set(over) - {"max_steps", "workers"})
         if extra or args.base or args.data or args.out:
             raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; "
                                f"only --max-steps and --workers can change")
-        fc = FinetuneConfig(**{**info["config"], **over})
+        try:
+            fc = FinetuneConfig(**{**info["config"], **over})
+        except (TypeError, ValueError, AttributeError) as e:  # ValueError: FinetuneConfig's checks
+            raise TinygenError(f"{path}: malformed \"config\": {str(e)[:200]}") from None
         return info["base"], info["data"], args.resume, fc, True
     missing = [f for f, v in (("--base", args.base), ("--data", args.data), ("--out", args.out)) if not v]
     if missing:
@@ -95,7 +99,9 @@ def format_eval(scores: dict) -> str:
 def run(args) -> int:
     base_dir, data, out_dir, fc, resume = resolve(args)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)
+    # one writer per run directory, from before finetune.json is written (tinygen.plumbing.lock)
+    with run_lock(out_dir), report_kept(out_dir):
+        result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)
     if result["train"]["interrupted"]:
         say(f"stopped; continue with: tinygen finetune --resume {out_dir}")
         return 130

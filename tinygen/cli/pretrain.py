@@ -22,6 +22,7 @@ from ..data import (DataConfig, RandomBatches, builtin_corpus, fixed_batches, lo
                     read_documents, split_documents, text_slice, token_cache)
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_json, read_json
+from ..plumbing.lock import run_lock
 from ..model import GPT
 from ..plumbing.progress import Progress, format_duration
 from ..tokenizer.tokenizer import ENDOFTEXT, Tokenizer
@@ -137,8 +138,14 @@ def read_settings(run_dir) -> dict:
         raise TinygenError(f"{path}: settings version {settings.get('version')!r}, this tinygen reads {RUN_VERSION}")
     try:
         TrainConfig(**settings["train"]), DataConfig(**settings["data"])
-    except (KeyError, TypeError) as e:
-        raise TinygenError(f"{path}: malformed settings: {e}") from None
+    except (KeyError, TypeError, TinygenError) as e:
+        raise TinygenError(f"{path}: malformed settings: {type(e).__name__}: {str(e)[:200]}") from None
+    sources, tokenizer = settings.get("sources"), settings.get("tokenizer")
+    if (settings.get("encoding_errors") not in ("strict", "replace")
+            or not (tokenizer is None or isinstance(tokenizer, str))
+            or not (sources is None or isinstance(sources, list) and all(isinstance(p, str) for p in sources))):
+        raise TinygenError(f"{path}: malformed settings: expected \"sources\" null or a list of paths, "
+                           "\"encoding_errors\" strict or replace, \"tokenizer\" null or a path")
     settings["run_dir"] = run_dir
     return settings
 
@@ -264,6 +271,13 @@ def default_prompts(settings, n: int) -> list:
 
 def run(args) -> int:
     settings = resolve(args)
+    # issue 17: one writer per run directory, from before start_run_dir clears an old run's files;
+    # a failed write (WriteError) says which checkpoint is kept
+    with run_lock(settings["run_dir"]), ckpt.report_kept(settings["run_dir"]):
+        return _run(args, settings)
+
+
+def _run(args, settings) -> int:
     resume = bool(args.resume)
     run_dir = settings["run_dir"]
     if not resume:

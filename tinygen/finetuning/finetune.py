@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -33,7 +32,7 @@ import numpy as np
 from .adapters import init_adapters
 from ..checkpoint import TOKENIZER, load_model
 from ..errors import TinygenError
-from ..plumbing.fileio import atomic_write_json, read_json
+from ..plumbing.fileio import atomic_copy, atomic_write_json, read_json
 from .lora import LoraSpec, init_lora
 from ..model import GPT, param_shapes
 from .prompt_tuning import NAME as PROMPT, init_prompt
@@ -190,17 +189,32 @@ def apply_adapter(base: GPT, path) -> GPT:
     if meta.get("format") != FORMAT:
         raise TinygenError(f"{path}: not a tinygen fine-tuning file (format {meta.get('format')!r})")
     identity = base_identity(base.params, base.config)
-    if json.loads(meta.get("base_shapes", "{}")) != identity["shapes"]:
+    try:  # issue 17: damaged metadata is an error naming the file
+        shapes, lora = json.loads(meta.get("base_shapes", "{}")), json.loads(meta.get("lora", "null"))
+        spec = LoraSpec(**{**lora, "targets": tuple(lora["targets"])}) if lora else None
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise TinygenError(f"{path}: malformed metadata: {type(e).__name__}: {str(e)[:200]}") from None
+    if shapes != identity["shapes"]:
         raise TinygenError(f"{path} was trained on a base with other tensor shapes than this one "
                            f"(n_layer={base.config.n_layer}, n_embd={base.config.n_embd}, "
                            f"vocab_size={base.config.vocab_size}); load it on the base it was trained on")
     if meta.get("base_sha256") != identity["sha256"]:
         raise TinygenError(f"{path} was trained on a different base model (sha256 {meta.get('base_sha256', '?')[:12]}..., "
                            f"this base is {identity['sha256'][:12]}...); load it on the base it was trained on")
-    lora = json.loads(meta.get("lora", "null"))
     params = dict(base.params)
     params.update(load_file(path))
-    return GPT(base.config, params=params, lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}) if lora else None)
+    return GPT(base.config, params=params, lora=spec)
+
+
+def read_run_file(run_dir) -> dict:
+    """RUN_DIR/finetune.json, checked: a malformed one is a TinygenError naming it (issue 17)."""
+    path = os.path.join(os.fspath(run_dir), FINETUNE_FILE)
+    info = read_json(path, what="fine-tuning description")
+    ok = isinstance(info, dict) and info.get("method") in METHODS and isinstance(info.get("config"), dict)
+    if not (ok and isinstance(info.get("base"), str) and isinstance(info.get("data"), str)):
+        raise TinygenError(f"{path}: malformed: expected an object with \"method\" (one of {', '.join(METHODS)}), "
+                           "\"config\" (an object), \"base\" and \"data\" (strings)")
+    return info
 
 
 def is_finetuned_run(run_dir) -> bool:
@@ -215,7 +229,7 @@ def load_run(run_dir, base_dir=None, merged=False) -> GPT:
     path (decode.decode_step included) handles.
     """
     run_dir = os.fspath(run_dir)
-    info = read_json(os.path.join(run_dir, FINETUNE_FILE), what="fine-tuning description")
+    info = read_run_file(run_dir)
     if info.get("method") == "full":
         return load_model(run_dir)
     base_dir = base_dir or info.get("base")
@@ -237,7 +251,7 @@ def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: 
         "base_sha256": identity["sha256"], "data": data, "config": fc.to_dict()})
     src = os.path.join(base_dir, TOKENIZER)
     if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(out_dir, TOKENIZER))
+        atomic_copy(src, os.path.join(out_dir, TOKENIZER))
 
 
 # ------------------------------------------------------------------ the run
