@@ -33,7 +33,7 @@ def integer(low: int) -> Callable:
 def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_open=False) -> Callable:
     """A check: a finite real number (bool excluded) in the interval [low, high], ends open as asked."""
     def check(value):
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and _finite(value)
         ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
         if ok:
             return None
@@ -41,6 +41,14 @@ def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_
         return "a positive number" if (low, low_open, high) == (0, True, math.inf) else \
             f"a number in {left}{low:g}, {high:g}{right}"
     return check
+
+
+def _finite(value) -> bool:
+    """math.isfinite, and False (not OverflowError) for an int beyond a float's range, like 10**400."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def one_of(*choices) -> Callable:
@@ -185,8 +193,8 @@ class GPTConfig:
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                          dropout=extra.get("dropout", 0.0), dtype=extra.get("dtype", "float32"))
         except TinygenError as e:  # "GPTConfig.n_embd must be a positive integer, got '768'": config.json's names
-            names = {"GPTConfig.block_size": "n_positions", "GPTConfig.dropout": "tinygen.dropout",
-                     "GPTConfig.dtype": "tinygen.dtype", "GPTConfig.": ""}
+            names = {"GPTConfig.block_size": "n_positions", "GPTConfig.dropout": 'dropout (under "tinygen")',
+                     "GPTConfig.dtype": 'dtype (under "tinygen")', "GPTConfig.": ""}
             message = str(e)
             for ours, theirs in names.items():
                 message = message.replace(ours, theirs)

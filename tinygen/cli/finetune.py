@@ -9,40 +9,13 @@ checkpoints and --resume behave as in `tinygen pretrain`; at the end every
 task is evaluated on the test split (loss and exact-match accuracy of
 greedy completions), printed and written to OUT/eval.json.
 """
+import dataclasses
 import os
 import sys
 
 from .flags import add_dataclass_arguments, dataclass_overrides
-from ..checkpoint import report_kept
 from ..errors import TinygenError
-from ..plumbing.lock import run_lock
-from ..finetuning.finetune import FINETUNE_FILE, METHODS, FinetuneConfig, read_run_file, run as finetune
-
-HELP = {
-    "method": f"what to train: {', '.join(METHODS)}",
-    "freeze_embeddings": "full: keep wte/wpe (and so the tied LM head) frozen",
-    "freeze_layers": "full: keep the lowest N blocks frozen",
-    "lora_rank": "lora: rank r of each update A B",
-    "lora_alpha": "lora: the update is scaled by alpha / r",
-    "lora_dropout": "lora: dropout on the update's input",
-    "lora_targets": "lora: comma-separated projections among c_attn, c_proj, c_fc",
-    "adapter_size": "adapter: bottleneck width m",
-    "n_virtual": "prompt: number of virtual tokens",
-    "tasks": "comma-separated tasks to train and evaluate; empty means all",
-    "batch_size": "examples per step",
-    "max_steps": "optimizer steps (with --resume: continue up to this step)",
-    "lr": "peak learning rate; None picks the method's: full 1e-3, lora and adapter 3e-3, prompt 3e-2",
-    "warmup_steps": "steps of linear warm-up",
-    "weight_decay": "AdamW weight decay of the trained 2-D weights",
-    "grad_clip": "clip the global gradient norm to this (0 = off)",
-    "dropout": "dropout probability while training",
-    "eval_interval": "steps between validation-loss measurements",
-    "eval_batches": "validation batches per measurement",
-    "checkpoint_interval": "steps between checkpoints",
-    "eval_examples": "test examples per task decoded for the accuracy",
-    "seed": "seed of the new weights and the batch order",
-    "workers": "threads that each run a shard of every batch (0 = one per core; 1 = one stream)",
-}
+from ..finetuning.finetune import FINETUNE_FILE, FinetuneConfig, read_run_file, run as finetune
 
 
 def add_parser(sub):
@@ -59,7 +32,7 @@ def add_parser(sub):
                    help='JSONL lines {"prompt", "completion", "task"?}, or "builtin" for the standard-library tasks')
     p.add_argument("--out", metavar="RUN_DIR2", help="run directory to write")
     p.add_argument("--resume", metavar="RUN_DIR2", help="continue this fine-tuning run from its last checkpoint")
-    add_dataclass_arguments(p.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, HELP)
+    add_dataclass_arguments(p.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig)
     p.set_defaults(run=run)
 
 
@@ -70,16 +43,12 @@ def resolve(args):
         path = os.path.join(args.resume, FINETUNE_FILE)
         if not os.path.isfile(path):
             raise TinygenError(f"--resume {args.resume}: no {FINETUNE_FILE}, so not a fine-tuning run directory")
-        info = read_run_file(args.resume)
+        info, fc = read_run_file(args.resume)
         extra = sorted(set(over) - {"max_steps", "workers"})
         if extra or args.base or args.data or args.out:
             raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; "
                                f"only --max-steps and --workers can change")
-        try:
-            fc = FinetuneConfig(**{**info["config"], **over})
-        except (TypeError, ValueError, AttributeError) as e:  # ValueError: FinetuneConfig's checks
-            raise TinygenError(f"{path}: malformed \"config\": {str(e)[:200]}") from None
-        return info["base"], info["data"], args.resume, fc, True
+        return info["base"], info["data"], args.resume, dataclasses.replace(fc, **over), True
     missing = [f for f, v in (("--base", args.base), ("--data", args.data), ("--out", args.out)) if not v]
     if missing:
         raise TinygenError(f"missing {', '.join(missing)} (or --resume RUN_DIR2)")
@@ -99,9 +68,7 @@ def format_eval(scores: dict) -> str:
 def run(args) -> int:
     base_dir, data, out_dir, fc, resume = resolve(args)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    # one writer per run directory, from before finetune.json is written (tinygen.plumbing.lock)
-    with run_lock(out_dir), report_kept(out_dir):
-        result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)
+    result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)  # holds out_dir's lock
     if result["train"]["interrupted"]:
         say(f"stopped; continue with: tinygen finetune --resume {out_dir}")
         return 130

@@ -7,7 +7,9 @@ and an exit code that says what kind of failure it was (tinygen.errors,
 docs/failures.md): 1 the training diverged, 2 bad input, 74 a write failed,
 75 the run directory is in use, 130 Ctrl-C, 70 anything else (a bug: the
 line names the exception and where it was raised; TINYGEN_TRACEBACK=1
-shows the whole traceback instead).
+shows the whole traceback instead). `main` is the program: it treats the
+process as its own and raises malloc's thresholds for it
+(reuse_freed_memory), which the library leaves to its caller.
 """
 import argparse
 import os
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/memory.py
+    reuse_freed_memory()  # the command owns its process, so it opts in (the library never does): plumbing/memory.py
     fail = lambda message, code: _fail(args.command, message, code)  # noqa: E731
     try:
         return int(args.run(args) or 0)

@@ -28,8 +28,8 @@ throw at it: invalid UTF-8, invalid JSON, nesting deep enough to exhaust the
 stack, numbers too long to convert, and keys repeated within one object
 (which Python's json would otherwise resolve silently to the last one).
 
->>> atomic_write_json("run/config.json", {"n_layer": 2})   # doctest: +SKIP
->>> read_json("run/config.json", what="run config")        # doctest: +SKIP
+>>> atomic_write_json("config.json", {"n_layer": 2})
+>>> read_json("config.json", what="run config")
 {'n_layer': 2}
 """
 import contextlib
@@ -38,6 +38,8 @@ import os
 import secrets
 import shutil
 import sys
+
+import numpy as np
 
 from ..errors import TinygenError, WriteError
 
@@ -67,7 +69,7 @@ def _open_for_writing(path: str, flags: int) -> int:
     """os.open(path, flags, 0o666): the one place where tinygen opens a file to write it.
 
     Every write of tinygen's (atomic replacements, appends) starts here, so
-    the tests inject a failing disk at this one point (tests/test_failures.py).
+    the tests inject a failing disk at this one point (tests/test_errors.py).
     """
     return os.open(path, flags, 0o666)
 
@@ -100,9 +102,11 @@ def atomic_open(path, mode: str = "wb"):
     the temp file is deleted, `path` is left as it was, and the exception
     propagates.
 
-    >>> with atomic_open("weights.bin") as f:   # doctest: +SKIP
-    ...     for chunk in chunks:
-    ...         f.write(chunk)                   # old weights.bin still intact here
+    >>> with atomic_open("weights.bin") as f:
+    ...     for chunk in [b"ab", b"cd"]:
+    ...         n = f.write(chunk)               # an old weights.bin would still be intact here
+    >>> open("weights.bin", "rb").read()
+    b'abcd'
     """
     if mode not in ("wb", "w"):
         raise TinygenError(f"atomic_open mode {mode!r}: expected 'wb' or 'w'")
@@ -130,7 +134,9 @@ def atomic_open(path, mode: str = "wb"):
 def atomic_write_bytes(path, data: bytes) -> None:
     """Replace `path` with `data` atomically.
 
-    >>> atomic_write_bytes("ids.bin", b"\\x01\\x02")   # doctest: +SKIP
+    >>> atomic_write_bytes("ids.bin", b"\\x01\\x02")
+    >>> open("ids.bin", "rb").read()
+    b'\\x01\\x02'
     """
     with atomic_open(path, "wb") as f:
         f.write(data)
@@ -139,7 +145,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Replace `path` with `text` (UTF-8, newlines written as given) atomically.
 
-    >>> atomic_write_text("notes.txt", "loss 3.2\\n")   # doctest: +SKIP
+    >>> atomic_write_text("notes.txt", "loss 3.2\\n")
+    >>> open("notes.txt", encoding="utf-8").read()
+    'loss 3.2\\n'
     """
     with atomic_open(path, "w") as f:
         f.write(text)
@@ -152,7 +160,10 @@ def append_bytes(path, data: bytes) -> None:
     so a log never ends in half a line; then WriteError. (A SIGKILL in the
     middle can still leave a torn last line, which readers skip.)
 
-    >>> append_bytes("metrics.jsonl", b'{"step": 1}\\n')   # doctest: +SKIP
+    >>> append_bytes("metrics.jsonl", b'{"step": 1}\\n')
+    >>> append_bytes("metrics.jsonl", b'{"step": 2}\\n')
+    >>> open("metrics.jsonl", "rb").read()
+    b'{"step": 1}\\n{"step": 2}\\n'
     """
     path = os.fspath(path)
     try:
@@ -175,7 +186,10 @@ def append_bytes(path, data: bytes) -> None:
 def atomic_copy(source, path) -> None:
     """Copy the file `source` to `path` atomically (a failed copy leaves no partial `path`).
 
-    >>> atomic_copy("base/tokenizer.json", "run/tokenizer.json")   # doctest: +SKIP
+    >>> atomic_write_text("tokenizer.json", "{}\\n")
+    >>> atomic_copy("tokenizer.json", "copy.json")
+    >>> open("copy.json", encoding="utf-8").read()
+    '{}\\n'
     """
     with open(source, "rb") as src, atomic_open(path, "wb") as f:
         shutil.copyfileobj(src, f)
@@ -184,7 +198,13 @@ def atomic_copy(source, path) -> None:
 def make_dirs(path) -> None:
     """os.makedirs(path, exist_ok=True), failing with WriteError (a file in the way, no permission, ...).
 
-    >>> make_dirs("runs/new")   # doctest: +SKIP
+    >>> make_dirs("runs/new")
+    >>> os.path.isdir("runs/new")
+    True
+    >>> atomic_write_text("runs/file", "")
+    >>> make_dirs("runs/file/sub")
+    Traceback (most recent call last):
+    tinygen.errors.WriteError: cannot write runs/file/sub: ...
     """
     try:
         os.makedirs(path, exist_ok=True)
@@ -195,11 +215,19 @@ def make_dirs(path) -> None:
 def atomic_write_json(path, obj, sort_keys: bool = False) -> None:
     """Replace `path` with `obj` as JSON: indent=2, UTF-8, one trailing newline.
 
-    >>> atomic_write_json("config.json", {"b": 1, "a": [1, 2]}, sort_keys=True)  # doctest: +SKIP
-    # config.json now holds '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 1\\n}\\n'
+    >>> atomic_write_json("config.json", {"b": 1, "a": [1, 2]}, sort_keys=True)
+    >>> open("config.json", encoding="utf-8").read()
+    '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 1\\n}\\n'
     """
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=_numpy_scalar)
     atomic_write_text(path, text + "\n")
+
+
+def _numpy_scalar(value):
+    """JSON for a NumPy scalar, which a config may hold (configs accept np.int64(5)): its Python value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def read_json(path, what: str = "JSON file"):
@@ -209,8 +237,13 @@ def read_json(path, what: str = "JSON file"):
     "run config run/config.json: not valid JSON (line 3 column 1: Expecting value)".
     A missing file raises FileNotFoundError as usual.
 
-    >>> read_json("config.json", what="model config")   # doctest: +SKIP
+    >>> atomic_write_text("config.json", '{"a": [1, 2], "b": 1}')
+    >>> read_json("config.json", what="model config")
     {'a': [1, 2], 'b': 1}
+    >>> atomic_write_text("config.json", '{"a": [1, 2],')
+    >>> read_json("config.json", what="model config")
+    Traceback (most recent call last):
+    tinygen.errors.TinygenError: model config config.json: not valid JSON (column 14: ...); the text ends early (truncated?)
     """
     path = os.fspath(path)
     with open(path, "rb") as f:

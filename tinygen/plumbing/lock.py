@@ -40,8 +40,7 @@ except ImportError:  # Windows: no flock; see the module docstring
 
 from ..errors import RunDirBusy, WriteError
 from .fileio import make_dirs
-
-LOCK_FILE = ".tinygen.lock"
+from .rundir import LOCK_FILE
 
 
 def lock_holder(run_dir):

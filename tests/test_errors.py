@@ -1,14 +1,17 @@
 """What tinygen promises when things go wrong (docs/failures.md), command by command.
 
-- hostile files at the command line: one line, exit 2 (the loaders themselves: test_hostile_files.py);
+- hostile files at the command line: one line, exit 2 (the loaders themselves: test_plumbing_fileio.py);
 - a write that fails (no space, no permission, a read-only filesystem, a file in the way): one line
   naming the path and the reason and what was kept, exit 74, no partial file, and the run resumes;
-- two writers in one run directory: the second is refused (exit 75) naming the first's pid; a
-  SIGKILLed holder leaves no stale lock; readers are never blocked;
+- two writers in one run directory: the second is refused (exit 75) naming the first's pid, by
+  the pipelines themselves (tinygen.pretrain.pretrain, finetuning.finetune.run, demo.run) before
+  they touch a file; a SIGKILLed holder leaves no stale lock; readers are never blocked (the
+  lock itself: test_plumbing_lock.py);
 - NaN in fine-tuning stops naming the step, keeping the last checkpoint (exit 1);
 - Ctrl-C while tokenizing or caching tokens leaves nothing a later start trusts;
 - anything else: one line naming the exception and where, exit 70.
 """
+import contextlib
 import errno
 import json
 import os
@@ -22,18 +25,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import tinygen.data
 import tinygen.plumbing.fileio as fileio
 from tinygen import GPT, GPTConfig
-from tinygen.checkpoint import checkpoint_step, load_model
+from tinygen.checkpoint import checkpoint_step
 from tinygen.cli import main
 from tinygen.data import Document, load_token_cache, token_cache
-from tinygen.demo import write_report
+from tinygen.demo import TINY, DemoConfig, run as demo, write_report
 from tinygen.errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED,
                             EXIT_WRITE_FAILED, RunDirBusy, WriteError)
+from tinygen.finetuning.finetune import FinetuneConfig, run as finetune
 from tinygen.finetuning.tasks import Example, write_jsonl
-from tinygen.plumbing.lock import LOCK_FILE, lock_holder, run_lock
+from tinygen.plumbing.lock import LOCK_FILE
 from tinygen.plumbing.metrics import read_metrics
+from tinygen.pretrain import new_settings, pretrain
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,22 +117,6 @@ class FailingDisk:
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 REASONS = {errno.ENOSPC: "No space left on device (ENOSPC)", errno.EACCES: "Permission denied (EACCES)",
            errno.EROFS: "Read-only file system (EROFS)"}
-
-
-def test_an_append_that_fails_half_way_is_cut_back(tmp_path, monkeypatch):
-    log = tmp_path / "metrics.jsonl"
-    log.write_bytes(b'{"step": 1}\n')
-    real_write = os.write
-
-    def half_then_full(fd, data):
-        real_write(fd, bytes(data[: len(data) // 2]))  # half the line reaches the file
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "write", half_then_full)
-    with pytest.raises(WriteError, match=r"metrics.jsonl: No space left on device \(ENOSPC\)"):
-        fileio.append_bytes(log, b'{"step": 2, "train_loss": 3.5}\n')
-    monkeypatch.undo()
-    assert log.read_bytes() == b'{"step": 1}\n'
 
 
 # ---------------------------------------------------------------- hostile files at the command line
@@ -277,61 +271,6 @@ def test_sample_and_gradcheck_write_nothing(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- two writers, one directory
 
-HOLDER = """
-import sys, time
-from tinygen.plumbing.lock import run_lock
-with run_lock(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
-def spawn_holder(run_dir):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], env=env, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
-    return child
-
-
-def test_lock_in_one_process(tmp_path):
-    run = tmp_path / "run"
-    with run_lock(run):
-        assert lock_holder(run) == os.getpid()
-        with run_lock(run):  # the training loop inside a command that holds the lock already
-            assert lock_holder(run) == os.getpid()
-        assert lock_holder(run) == os.getpid()  # the inner one did not release it
-    assert lock_holder(run) is None and (run / LOCK_FILE).exists()
-    with run_lock(run):  # and it can be taken again
-        pass
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_lock_across_processes_and_a_sigkill(tmp_path):
-    run = tmp_path / "run"
-    model = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1, n_embd=8))
-    model.save_pretrained(run)
-    child = spawn_holder(run)
-    try:
-        with pytest.raises(RunDirBusy, match=rf"{run} is being written by another tinygen process \(pid {child.pid}"):
-            with run_lock(run):
-                pass
-        assert np.array_equal(load_model(run).params["wte.weight"], model.params["wte.weight"])  # readers pass
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    assert lock_holder(run) == child.pid  # the dead holder's pid is still written ...
-    with run_lock(run):  # ... but the kernel released its lock: no stale lock
-        assert lock_holder(run) == os.getpid()
-
-
-def test_without_fcntl_the_lock_only_records_the_pid(tmp_path, monkeypatch):
-    import tinygen.plumbing.lock as lock
-
-    monkeypatch.setattr(lock, "fcntl", None)
-    with run_lock(tmp_path):
-        assert lock_holder(tmp_path) == os.getpid()
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_second_pretrain_is_refused_then_resume_after_sigkill(tmp_path, corpus, capsys):
     run = tmp_path / "run"
@@ -352,6 +291,47 @@ def test_second_pretrain_is_refused_then_resume_after_sigkill(tmp_path, corpus, 
     step = checkpoint_step(run)
     assert main(["pretrain", "--resume", str(run), "--max-steps", str(step + 2)]) == 0
     assert checkpoint_step(run) == step + 2
+
+
+@contextlib.contextmanager
+def held_by_another(run_dir, pid=4711):
+    """RUN_DIR's lock taken on a descriptor of its own, with another pid written: to run_lock in
+    this process, exactly what a lock held by process `pid` looks like (flock belongs to the open
+    file, not the process)."""
+    os.makedirs(run_dir, exist_ok=True)
+    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{pid}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*")
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+@pytest.mark.skipif(fcntl is None, reason="needs fcntl.flock")
+def test_the_pipelines_take_the_lock_before_they_touch_a_file(tmp_path, corpus, finetune_setup):
+    """pretrain() before start_run removes an old run's files (the command and the demo's
+    pretraining stage both call it), finetune.run before finetune.json, demo.run before anything."""
+    run = tmp_path / "run"
+    assert main(["pretrain", *SMALL, "--data", corpus, "--out", str(run), "--max-steps", "2"]) == 0
+    before = files_of(run)
+    with held_by_another(run):
+        with pytest.raises(RunDirBusy, match=rf"{run} is being written by another tinygen process \(pid 4711"):
+            pretrain(new_settings(str(run), preset="tiny", sources=[corpus]), overwrite=True, progress=False)
+    assert files_of(run) == before and checkpoint_step(run) == 2
+    _, base, data = finetune_setup
+    for out, call in ((tmp_path / "ft", lambda out: finetune(base, data, str(out), FinetuneConfig(max_steps=2))),
+                      (tmp_path / "demo", lambda out: demo(str(out), DemoConfig(**TINY), progress=False))):
+        with held_by_another(out):
+            with pytest.raises(RunDirBusy, match="pid 4711"):
+                call(out)
+        assert files_of(out) == {}
 
 
 def test_two_pretrains_started_together(tmp_path, corpus):
@@ -450,7 +430,7 @@ def test_an_unexpected_exception_is_one_line_exit_70(tmp_path, monkeypatch, caps
     monkeypatch.setattr(command, "encode", broken)
     argv = ["tokenizer", "encode", "--tokenizer", str(tmp_path)]
     assert main(argv) == EXIT_INTERNAL
-    assert re.search(r"internal error: RuntimeError: a bug \(at test_failures.py:\d+ in broken\)",
+    assert re.search(r"internal error: RuntimeError: a bug \(at test_errors.py:\d+ in broken\)",
                      one_error_line(capsys, "tokenizer"))
     monkeypatch.setenv("TINYGEN_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="a bug"):

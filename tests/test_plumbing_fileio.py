@@ -1,19 +1,25 @@
-"""Every text file tinygen reads, fuzzed as test_safetensors fuzzes checkpoints.
+"""Atomic file writes and strict JSON reading (tinygen.plumbing.fileio), and every file
+tinygen reads fuzzed through them, as test_plumbing_safetensors fuzzes checkpoints.
 
-The contract of each loader, whatever bytes it is given: it returns, or it
-raises TinygenError naming the file (and the line, in line-based files:
-JSONL, tiktoken rank files, merges.txt); never another exception type, never
-longer than TIME_LIMIT_S, never a peak allocation far beyond the file's size.
+Writes: the format written, a Ctrl-C mid-write leaves the old file and no temp file, a
+failed append is cut back, clear errors for bad JSON and modes.
 
-Each loader gets a fixed table of hostile inputs (deep nesting, invalid
-UTF-8, huge numbers, wrong types, repeated and missing keys, truncation), then
-hypothesis-drawn mutations of a valid file: byte edits (cuts, bit flips,
-hostile fragments spliced in) and JSON-tree edits (a value replaced by a
-hostile one, a key deleted, a key repeated).
+Hostile files. The contract of each loader, whatever bytes it is given: it returns, or
+it raises TinygenError naming the file (and the line, in line-based files: JSONL,
+tiktoken rank files, merges.txt); never another exception type, never longer than
+TIME_LIMIT_S, never a peak allocation far beyond the file's size. Every JSON loader
+reads through fileio.parse_json (deep nesting, invalid UTF-8, over-long integers and
+repeated keys are its errors) and then checks the types it uses.
+
+Each loader gets a fixed table of hostile inputs (deep nesting, invalid UTF-8, huge
+numbers, wrong types, repeated and missing keys, truncation), then hypothesis-drawn
+mutations of a valid file: byte edits (cuts, bit flips, hostile fragments spliced in)
+and JSON-tree edits (a value replaced by a hostile one, a key deleted, a key repeated).
 """
 import base64
 import collections
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -25,20 +31,75 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from tinygen.checkpoint import load_train_state, read_config, save_model
+from tinygen.checkpoint import load_train_state, read_config
 from tinygen.cli.main import build_parser
-from tinygen.cli import finetune as finetune_cli, pretrain as pretrain_cli
+from tinygen.cli import finetune as finetune_cli
 from tinygen.config import GPTConfig
-from tinygen.data import Document, load_token_cache, token_cache
-from tinygen.errors import TinygenError
-from tinygen.finetuning.finetune import FinetuneConfig, base_identity, write_run_files
+from tinygen.data import SPLIT_FILES, Document, load_token_cache, token_cache
+from tinygen.errors import TinygenError, WriteError
+from tinygen.finetuning.finetune import (ADAPTER_FILE, FINETUNE_FILE, FinetuneConfig, apply_adapter, base_identity,
+                                         build_model, save_adapter, write_run_files)
 from tinygen.finetuning.tasks import Example, read_jsonl, write_jsonl
-from tinygen.model import GPT
+from tinygen.gpt import GPT
+from tinygen.plumbing.fileio import (append_bytes, atomic_open, atomic_write_bytes, atomic_write_json,
+                                     atomic_write_text, read_json)
 from tinygen.plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from tinygen.plumbing.plot import write_loss_svg
-from tinygen.plumbing.safetensors import save_file
+from tinygen.plumbing.rundir import CONFIG, LOSS_SVG, METRICS, TOKENIZER, TOKENS_INFO, TRAIN_CONFIG, TRAIN_STATE
+from tinygen.plumbing.safetensors import load_metadata, save_file
+from tinygen.pretrain import new_settings, read_settings
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 from tinygen.tokenizer.files import gpt2_byte_chars
+
+
+# ---------------------------------------------------------------- writes
+
+def test_ctrl_c_during_atomic_open(tmp_path):
+    path = tmp_path / "state.json"
+    atomic_write_text(path, "old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(path, "w") as f:
+            f.write("new, half written")
+            temps = [p.name for p in tmp_path.iterdir() if p.name.startswith(".state.json.tmp-")]
+            assert len(temps) == 1  # the temp file sits next to its target
+            raise KeyboardInterrupt
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_atomic_write_json_format_and_read_json(tmp_path):
+    atomic_write_json(tmp_path / "c.json", {"b": 1, "a": [1, 2], "é": "ü"}, sort_keys=True)
+    assert (tmp_path / "c.json").read_text("utf-8") == (
+        '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1,\n  "é": "ü"\n}\n')
+    assert read_json(tmp_path / "c.json") == {"a": [1, 2], "b": 1, "é": "ü"}
+    atomic_write_bytes(tmp_path / "c.json", b'{"a": 1,\n')
+    with pytest.raises(TinygenError, match=r"run config .*c\.json: not valid JSON \(line 2"):
+        read_json(tmp_path / "c.json", what="run config")
+
+
+def test_atomic_open_rejects_other_modes(tmp_path):
+    with pytest.raises(TinygenError, match="expected 'wb' or 'w'"):
+        with atomic_open(tmp_path / "x", "ab"):
+            pass
+
+
+def test_an_append_that_fails_half_way_is_cut_back(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(b'{"step": 1}\n')
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))  # half the line reaches the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(WriteError, match=r"metrics.jsonl: No space left on device \(ENOSPC\)"):
+        append_bytes(log, b'{"step": 2, "train_loss": 3.5}\n')
+    monkeypatch.undo()
+    assert log.read_bytes() == b'{"step": 1}\n'
+
+
+# ---------------------------------------------------------------- hostile files: every loader, fuzzed
 
 TIME_LIMIT_S = 5.0  # per load; a healthy one takes milliseconds
 MEMORY_FACTOR, MEMORY_SLACK = 64, 16_000_000  # peak allocation < 64 x file size + 16 MB
@@ -142,8 +203,8 @@ def loaders(scratch, tmp_path_factory):
         assert loads_or_rejects(out[name], valid) == "loaded", name  # the valid file loads
 
     tok.save(src / "tok.json")
-    add("tokenizer.json", "tokenizer.json", (src / "tok.json").read_bytes(),
-        lambda d: Tokenizer.load(os.path.join(d, "tokenizer.json")))
+    add("tokenizer.json", TOKENIZER, (src / "tok.json").read_bytes(),
+        lambda d: Tokenizer.load(os.path.join(d, TOKENIZER)))
 
     chars = gpt2_byte_chars()
     show = lambda b: "".join(chars[x] for x in b)  # noqa: E731
@@ -164,52 +225,70 @@ def loaders(scratch, tmp_path_factory):
         is_json=False)
 
     config = GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=8)
-    add("config.json", "config.json", json.dumps(config.to_hf(), indent=2).encode(), read_config)
+    add("config.json", CONFIG, json.dumps(config.to_hf(), indent=2).encode(), read_config)
 
-    args = build_parser().parse_args(["pretrain", "--preset", "tiny", "--out", str(src / "run")])
-    settings = pretrain_cli.resolve(args)
-    add("train_config.json", "train_config.json", json.dumps(settings, indent=2).encode(),
-        pretrain_cli.read_settings)
+    settings = new_settings(str(src / "run"), preset="tiny")
+    add("train_config.json", TRAIN_CONFIG, json.dumps(settings.to_json(), indent=2).encode(), read_settings)
 
     base = src / "base"
     model = GPT(config, seed=0)
-    save_model(model, base)
+    model.save_pretrained(base)
     ft_dir = src / "finetune"
-    write_run_files(ft_dir, base, FinetuneConfig(method="lora"), "data.jsonl", base_identity(model.params, config))
+    identity = base_identity(model.params, config)
+    write_run_files(ft_dir, base, FinetuneConfig(method="lora"), "data.jsonl", identity)
 
     parser = build_parser()
 
     def resolve_finetune(d):
         return finetune_cli.resolve(parser.parse_args(["finetune", "--resume", d, "--max-steps", "7"]))
 
-    add("finetune.json", "finetune.json", (ft_dir / "finetune.json").read_bytes(), resolve_finetune)
+    add("finetune.json", FINETUNE_FILE, (ft_dir / FINETUNE_FILE).read_bytes(), resolve_finetune)
+
+    fc = FinetuneConfig(method="lora", lora_rank=2)  # adapter.safetensors: its metadata "config" is fuzzed
+    tuned = build_model(model, fc)
+    save_adapter(src / ADAPTER_FILE, tuned, [n for n in tuned.params if n not in model.params], identity, fc)
+    adapter_meta = load_metadata(src / ADAPTER_FILE)
+    adapter_tensors = {n: tuned.params[n] for n in tuned.params if n not in model.params}
+    adapter_dir = root / "adapter config"
+    adapter_dir.mkdir()
+
+    def write_adapter(raw):
+        text = raw.decode("utf-8", errors="surrogateescape").encode("utf-8", "replace").decode("utf-8")
+        save_file(adapter_tensors, adapter_dir / ADAPTER_FILE, metadata={**adapter_meta, "config": text})
+        return str(adapter_dir / ADAPTER_FILE)
+
+    adapter = Loader("adapter config", str(adapter_dir), ADAPTER_FILE, adapter_meta["config"].encode(),
+                     lambda: apply_adapter(model, adapter_dir / ADAPTER_FILE))
+    adapter.write = write_adapter
+    out["adapter config"] = adapter
+    assert loads_or_rejects(adapter, adapter.valid) == "loaded"
 
     docs = [Document(f"d{i}", "the cat sat on the mat. " * (i + 3)) for i in range(4)]
     cache = src / "cache"
     token_cache(cache, tok, docs[:3], docs[3:])
     (root / "tokens.json").mkdir()
-    for split in ("train", "val"):  # the arrays stay good; their description is what gets fuzzed
-        (root / "tokens.json" / f"{split}.npy").write_bytes((cache / f"{split}.npy").read_bytes())
-    add("tokens.json", "tokens.json", (cache / "tokens.json").read_bytes(), lambda d: load_token_cache(d, tok),
+    for split in SPLIT_FILES.values():  # the arrays stay good; their description is what gets fuzzed
+        (root / "tokens.json" / split).write_bytes((cache / split).read_bytes())
+    add("tokens.json", TOKENS_INFO, (cache / TOKENS_INFO).read_bytes(), lambda d: load_token_cache(d, tok),
         none_rejects=True)
 
     write_jsonl(src / "tasks.jsonl", [Example(f"add: {i} {i}\n=>", f" {2 * i}", "add") for i in range(6)])
     add("tasks.jsonl", "tasks.jsonl", (src / "tasks.jsonl").read_bytes(),
         lambda d: read_jsonl(os.path.join(d, "tasks.jsonl")), json_lines=True)
 
-    log = MetricsLog(src / "metrics.jsonl")
+    log = MetricsLog(src / METRICS)
     for step in range(6):
         log.append({"step": step, "tokens": 64 * step, "train_loss": 5.0 - 0.1 * step,
                     "val_loss": 5.1 if step % 3 == 0 else None, "lr": 1e-3, "grad_norm": 0.5,
                     "tokens_per_sec": 1e4, "elapsed_s": 0.1 * step})
 
     def resume_metrics(d):  # what --resume does with a run's log: truncate, reopen, read, plot
-        path = os.path.join(d, "metrics.jsonl")
+        path = os.path.join(d, METRICS)
         truncate_after(path, 3)
         MetricsLog(path)
-        write_loss_svg(os.path.join(d, "loss.svg"), read_metrics(path))
+        write_loss_svg(os.path.join(d, LOSS_SVG), read_metrics(path))
 
-    add("metrics.jsonl", "metrics.jsonl", (src / "metrics.jsonl").read_bytes(), resume_metrics, json_lines=True)
+    add("metrics.jsonl", METRICS, (src / METRICS).read_bytes(), resume_metrics, json_lines=True)
 
     info = json.dumps({"seed": 1, "elapsed_s": 2.5, "tokens": 640, "workers": 1}).encode()
     state_dir = root / "train_state"
@@ -218,11 +297,11 @@ def loaders(scratch, tmp_path_factory):
     def write_state(raw):
         meta = {"format": "tinygen-train-state", "version": "1", "step": "3",
                 "info": raw.decode("utf-8", errors="surrogateescape").encode("utf-8", "replace").decode("utf-8")}
-        save_file({"param.w": np.zeros(2, np.float32)}, state_dir / "train_state.safetensors", metadata=meta)
-        return str(state_dir / "train_state.safetensors")
+        save_file({"param.w": np.zeros(2, np.float32)}, state_dir / TRAIN_STATE, metadata=meta)
+        return str(state_dir / TRAIN_STATE)
 
-    state = Loader("train_state info", str(state_dir), "train_state.safetensors", info,
-                   lambda: load_train_state(state_dir / "train_state.safetensors"))
+    state = Loader("train_state info", str(state_dir), TRAIN_STATE, info,
+                   lambda: load_train_state(state_dir / TRAIN_STATE))
     state.write = write_state
     out["train_state info"] = state
     assert loads_or_rejects(state, info) == "loaded"
@@ -230,7 +309,7 @@ def loaders(scratch, tmp_path_factory):
 
 
 NAMES = ["tokenizer.json", "gpt2-vocab.json", "gpt2-merges.txt", "tiktoken", "config.json", "train_config.json",
-         "finetune.json", "tokens.json", "tasks.jsonl", "metrics.jsonl", "train_state info"]
+         "finetune.json", "adapter config", "tokens.json", "tasks.jsonl", "metrics.jsonl", "train_state info"]
 
 
 # ---------------------------------------------------------------- the fixed table of hostile inputs
