@@ -71,7 +71,7 @@ def test_stop_string_ends_the_text(tinygen, run_dir):
     (["--prompt", "the cat sat on the mat and " * 20], "context"),
     (["--prompt", "the", "--top-p", "1.5"], "top_p"),
     (["--prompt", "the", "--temperature", "-1"], "temperature"),
-    (["--prompt", "the", "--top-k", "0"], "top_k"),
+    (["--prompt", "the", "--top-k", "-1"], "top_k"),
     (["--prompt", "the", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 0, got -1"),
     (["--prompt", "the", "--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
     (["--prompt", "the", "--num-beams", "0"], "--num-beams must be a positive integer, got 0"),

@@ -69,6 +69,48 @@ def test_top_k_keeps_the_k_largest_and_ties():
     assert np.array_equal(top_k_filter(np.array([[1.0, 2.0]]), 5), [[1.0, 2.0]])  # k > V keeps all
 
 
+def test_top_k_zero_is_no_limit_as_in_transformers():
+    logits = np.array([[1.0, 3.0, 2.0, 3.0, 0.0]])
+    out = top_k_filter(logits, 0)
+    assert np.array_equal(out, logits) and out is not logits
+    assert np.array_equal(process_logits(logits, None, 0.7, top_k=0, top_p=0.9),
+                          process_logits(logits, None, 0.7, top_k=None, top_p=0.9))
+    model = tiny_model()
+    assert np.array_equal(generate(model, [[1, 2]], 6, top_k=0, seed=3), generate(model, [[1, 2]], 6, seed=3))
+    assert not np.array_equal(generate(model, [[1, 2]], 6, top_k=1, seed=3), generate(model, [[1, 2]], 6, seed=3))
+
+
+def test_top_p_tie_rule_and_where_torch_sort_agrees():
+    """tinygen: among equal logits the lower id is dropped first. transformers sorts with
+    torch.sort (not stable): it agrees up to 16 tokens, not from 17 on (docs/sampling.md)."""
+    for V in (2, 3, 16, 17, 41):  # (sizes where the cut-off is no float coin-flip)
+        kept = np.isfinite(top_p_filter(np.zeros((1, V)), 0.5))[0]
+        assert kept.tolist() == [i >= V // 2 for i in range(V)]  # the higher half of the ids
+    torch = pytest.importorskip("torch")  # optional: checks the claim about transformers' sort
+
+    def transformers_top_p(scores, top_p):  # TopPLogitsWarper.__call__ of transformers 5.24
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_indices_to_remove = cumulative_probs <= (1 - top_p)
+        sorted_indices_to_remove[..., -1:] = 0
+        remove = sorted_indices_to_remove.scatter(1, sorted_indices, sorted_indices_to_remove)
+        return scores.masked_fill(remove, -float("inf"))
+
+    rng = np.random.default_rng(0)
+    differs = set()
+    for V in range(2, 40):
+        for _ in range(20):
+            logits = rng.integers(-2, 2, (1, V)).astype(np.float64)  # many ties
+            ours = np.isfinite(top_p_filter(logits, 0.5))
+            theirs = np.isfinite(transformers_top_p(torch.from_numpy(logits), 0.5).numpy())
+            if V <= 16:
+                assert np.array_equal(ours, theirs), (V, logits)
+            elif not np.array_equal(ours, theirs):
+                differs.add(V)
+                assert ours.sum() == theirs.sum()  # the same number of survivors, other ids among the tied
+    assert differs and min(differs) >= 17
+
+
 def test_top_p_known_answers_and_transformers_ties():
     kept = lambda logits, p: np.isfinite(top_p_filter(np.log(np.array([logits])), p))[0].tolist()
     assert kept([0.1, 0.6, 0.3], 0.7) == [False, True, True]
@@ -215,7 +257,7 @@ def test_generate_does_not_mutate_and_keeps_shapes():
 
 @pytest.mark.parametrize("options, name", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(min_p=-0.1), "min_p"), (dict(min_p=1.1), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(seed=-1), "seed"), (dict(seed="x"), "seed"), (dict(stop="\n"), "tokenizer"), (dict(stop=[1.5]), "stop"),
     (dict(window_keep=0), "window_keep"), (dict(window_keep=9), "window_keep"),

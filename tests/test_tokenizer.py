@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, train_merges
 from tinygen.errors import TinygenError
-from tinygen.tokenizer.split import splitter
+from tinygen.tokenizer.split import Splitter, greedy, splitter
 from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
-from tinygen.tokenizer.tokenizer import _escape, _unescape
+from tinygen.tokenizer.files import escape_token as _escape, unescape_token as _unescape
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!\n"
@@ -115,10 +115,22 @@ MIXED = st.lists(st.sampled_from(list("ab1Z9 \n\n\r\t'.:)") + ["é", "日", "�
                  max_size=60).map("".join)
 
 
-@given(st.one_of(MIXED, texts), st.sampled_from([GPT2_PATTERN, GPT4_PATTERN]), st.sampled_from([4, 1 << 16]))
-def test_fast_split_equals_regex(s, pattern, block):
-    # the built-in patterns run on `re` for ASCII stretches, cut at safe points (see pretokenize.splitter)
-    assert [c for b in splitter(pattern, block)(s) for c in b] == regex.findall(pattern, s)
+@given(st.one_of(MIXED, texts), st.sampled_from([GPT2_PATTERN, GPT4_PATTERN]), st.sampled_from([4, 1 << 16]),
+       st.sampled_from([None, False]))
+def test_fast_split_equals_regex(s, pattern, block, possessive):
+    # the built-in patterns run on `re` for ASCII stretches, cut at safe points (see split.Splitter);
+    # possessive=False is the greedy `re` twin Python 3.10 uses, checked here on every Python
+    split = Splitter(pattern, block, possessive)
+    assert [c for b in split(s) for c in b] == regex.findall(pattern, s)
+    if possessive is None:
+        assert splitter(pattern, block)(s) == split(s)
+
+
+def test_greedy_twin_of_the_possessive_patterns():
+    assert greedy(r"\p{L}++|x{1,3}+|y?+|[a+]*+|\++") == r"\p{L}+|x{1,3}|y?|[a+]*|\++"
+    assert greedy(GPT2_PATTERN) == r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
+    assert greedy(GPT4_PATTERN) == (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"""
+                                    r"""[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""")
 
 
 def test_patterns_are_tiktokens():
@@ -174,11 +186,35 @@ def test_long_decode_uses_numpy_and_still_checks_ids(tok):
 
 
 def test_unknown_ids_raise(tok):
-    for bad in (tok.vocab_size, -1, 10**9, "a", None):
+    for bad in (tok.vocab_size, -1, 10**9, np.int64(tok.vocab_size)):
         with pytest.raises(TinygenError, match="not in the vocabulary"):
+            tok.decode([1, bad])
+        with pytest.raises(KeyError, match="not in the vocabulary"):  # tiktoken raises KeyError
             tok.decode([1, bad])
     with pytest.raises(TinygenError, match=str(tok.vocab_size)):
         tok.id_to_bytes(tok.vocab_size)
+
+
+@pytest.mark.parametrize("bad", [1.0, 104.0, "a", None, b"h", [104], np.float64(104)])
+def test_non_integer_ids_raise_type_error_like_tiktoken(tok, bad):
+    # tiktoken: decode([1.0]) -> TypeError "'float' object cannot be interpreted as an integer"
+    for ids in ([104, bad], [104] * 600 + [bad]):  # the short path and the NumPy path
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            tok.decode(ids)
+    with pytest.raises(TypeError):
+        tok.id_to_bytes(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.bool_, np.complex64])
+def test_non_integer_arrays_are_rejected(tok, dtype):
+    for n in (3, 600):
+        with pytest.raises(TypeError, match="1-D array of integers"):
+            tok.decode(np.ones(n, dtype=dtype))
+    with pytest.raises(TypeError, match="1-D array of integers"):
+        tok.decode(np.full((1, 3), 104))
+    for dtype in (np.int8, np.uint16, np.int64, np.uint64):  # every integer dtype decodes
+        assert tok.decode(np.full(600, 104, dtype=dtype)) == "h" * 600
+    assert tok.decode([True, 104]) == "\x01h"  # bool is an int in Python, and in tiktoken
 
 
 def test_deterministic(tok):

@@ -232,3 +232,32 @@ def test_real_cl100k_matches_tiktoken():
         spec = openai_public.cl100k_base()  # tiktoken's own pattern and special tokens, our local file
     assert spec["special_tokens"] == CL100K_SPECIAL_TOKENS
     compare_with_tiktoken(tok, tiktoken.Encoding(**spec))
+
+
+@pytest.mark.skipif(cl100k_file() is None, reason="cl100k_base.tiktoken not available")
+def test_real_cl100k_tiktokens_own_tests():
+    """tiktoken's tests/test_encoding.py and tests/test_offsets.py examples for cl100k_base, on tinygen."""
+    enc = Tokenizer.from_tiktoken(cl100k_file(), "gpt4", CL100K_SPECIAL_TOKENS)
+    assert enc.encode("hello <|endoftext|>", allowed_special="all") == [15339, 220, 100257]
+    for token in range(10_000):
+        assert enc.encode_single_token(enc.decode_single_token_bytes(token)) == token
+    assert enc.encode("rer") == [38149] and enc.encode("'rer") == [2351, 81]
+    assert enc.encode("today\n ") == [31213, 198, 220] and enc.encode("today\n \n") == [31213, 27907]
+    assert enc.encode("today\n  \n") == [31213, 14211] and enc.encode(" \x850") == [220, 126, 227, 15]
+    assert enc.encode("👍") == enc.encode("\ud83d\udc4d") == [9468, 239, 235] and enc.encode("\ud83d") == enc.encode("�")
+    eot, fip = enc.encode_single_token(ENDOFTEXT), enc.encode_single_token("<|fim_prefix|>")
+    assert eot == enc.eot_token == 100257 and enc.is_special_token(fip) and not enc.is_special_token(15339)
+    text = "<|endoftext|> hello <|fim_prefix|> there <|fim_middle|>"
+    assert eot in enc.encode(text, allowed_special="all", disallowed_special="all")
+    tokens = enc.encode(text, allowed_special={"<|fim_prefix|>"}, disallowed_special=())
+    assert eot not in tokens and fip in tokens
+    for prompt, offsets in [("hello world", [0, 5]),
+                            ("hello world<|endoftext|> green cow", [0, 5, 11, 24, 30]),
+                            ("我非常渴望与人工智能一起工作", [0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 13]),
+                            ("நடிகர் சூர்யா", [0, 0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 9, 10, 11, 12, 12]),
+                            (" Ġ除", [0, 1])]:
+        assert enc.decode_with_offsets(enc.encode(prompt, allowed_special="all")) == (prompt, offsets)
+    for c in ["^", "0", "a", "'s", " ", "\n"]:  # test_catastrophically_repetitive
+        big = c * 10_000
+        for value in (big, " " + big, " " + big + "\n"):
+            assert enc.decode(enc.encode(value)) == value

@@ -63,10 +63,18 @@ def temperature_scale(logits, temperature):
 def top_k_filter(logits, k):
     """Keep the k largest logits of each row, -inf elsewhere; ties with the k-th are kept.
 
+    k = 0 is "no limit", transformers' convention (its `generate` skips top-k when
+    top_k is 0 or None): the logits come back unchanged, as a float64 copy.
+    Ties are kept as transformers keeps them (`scores < topk(...)[-1]` goes).
+
     >>> top_k_filter(np.array([[1.0, 3.0, 2.0, 3.0]]), 2)
     array([[-inf,   3., -inf,   3.]])
+    >>> top_k_filter(np.array([[1.0, 3.0]]), 0)
+    array([[1., 3.]])
     """
     logits = np.asarray(logits, dtype=np.float64)
+    if k == 0:
+        return logits.copy()
     V = logits.shape[-1]
     k = min(k, V)
     kth = np.partition(logits, V - k, axis=-1)[:, V - k:V - k + 1]  # (B, 1) the k-th largest
@@ -76,10 +84,17 @@ def top_k_filter(logits, k):
 def top_p_filter(logits, p):
     """Nucleus: keep the most probable tokens until their probability adds up to >= p.
 
-    As transformers: sort ascending (stably), drop every token whose cumulative
+    transformers' computation: sort ascending, drop every token whose cumulative
     probability, counted from the least likely, is <= 1 - p; the most likely
-    token always stays. Among equal logits the lower id sorts first, so it is
-    the one dropped: [0, 0] with p = 0.5 keeps only id 1.
+    token always stays (min_tokens_to_keep = 1).
+
+    Ties, tinygen's own rule: the sort is stable, so tokens are ordered by
+    (logit, id) and among equal logits the lower id is dropped first: [0, 0]
+    with p = 0.5 keeps only id 1. transformers sorts with torch.sort, which is
+    not stable: on CPU it agrees with this rule for up to 16 tokens, but from
+    17 on which of several tied tokens survives at the cut is unspecified
+    there. Only the tokens tied at the cut-off can differ; every token above
+    the cut is kept by both.
 
     >>> top_p_filter(np.log([[0.1, 0.6, 0.3]]), 0.7)   # 0.6 + 0.3 >= 0.7
     array([[       -inf, -0.51082562, -1.2039728 ]])
@@ -120,7 +135,7 @@ def process_logits(logits, ids=None, temperature=1.0, top_k=None, top_p=None, mi
         out = penalize_repeats(out, ids, repetition_penalty)
     if temperature not in (0, 1):
         out = temperature_scale(out, temperature)
-    if top_k is not None:
+    if top_k:  # None or 0: no limit, as in transformers
         out = top_k_filter(out, top_k)
     if top_p is not None and top_p < 1.0:
         out = top_p_filter(out, top_p)
@@ -156,8 +171,8 @@ def check_sampling_options(temperature=1.0, top_k=None, top_p=None, min_p=None, 
     """Raise TinygenError (a ValueError) naming the first bad option and its value."""
     if not _is_real(temperature) or temperature < 0:
         raise TinygenError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise TinygenError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise TinygenError(f"top_k must be an integer >= 1, or 0 or None for no limit, got {top_k!r}")
     if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
         raise TinygenError(f"top_p must be in (0, 1], got {top_p!r}")
     if min_p is not None and (not _is_real(min_p) or not 0.0 <= min_p <= 1.0):

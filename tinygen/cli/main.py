@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 
+from .. import __version__
 from ..errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED,
                       EXIT_WRITE_FAILED, RunDirBusy, TinygenError, WriteError)
 from ..plumbing.memory import reuse_freed_memory
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinygen",
         description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
     )
+    parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
+                        help="print tinygen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:

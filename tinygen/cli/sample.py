@@ -27,7 +27,7 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, help="the text to continue (<|endoftext|> is allowed)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default: 100)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy; <1 sharper, >1 flatter (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (0: no limit, as in transformers)")
     p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens whose probabilities add up to p (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than min-p times the most likely one")
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages tokens already in the text (1.2 is typical)")

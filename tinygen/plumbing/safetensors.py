@@ -327,7 +327,7 @@ def _read_tensor(f, name: str, info: TensorInfo, data_start: int, path) -> np.nd
         return array.astype(bool)  # any nonzero byte is True
     if info.dtype == "BF16":  # bfloat16 bits are the top 16 bits of a float32
         wide = array.astype(np.uint32)
-        wide <<= 16  # in place: `wide << 16` would turn a 0-d array into a scalar
+        wide <<= np.uint32(16)  # in place: `wide << 16` would turn a 0-d array into a scalar; NumPy 1.x needs the uint32
         return wide.view(np.float32)
     return array.astype(disk.newbyteorder("="), copy=False)  # no copy on little-endian hosts
 

@@ -1,4 +1,5 @@
-"""Other tokenizers' vocabulary files, read into tinygen's ranks: tiktoken's and GPT-2's.
+"""Vocabulary files: other tokenizers' read into tinygen's ranks (tiktoken's and GPT-2's),
+and how tinygen's own file writes token bytes (`escape_token`).
 
 A rank table maps each token's bytes to its id, which is also its merge
 priority (tinygen.tokenizer.bpe). tiktoken stores it directly, one "base64-token rank"
@@ -99,3 +100,38 @@ def gpt2_byte_chars():
     keep = [b for b in range(256) if chr(b).isprintable() and b != 32]
     others = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def escape_token(b):
+    r"""Token bytes -> readable str for tinygen's file: UTF-8 as text, other bytes as \xNN, "\" as "\\".
+
+    >>> print(escape_token("é".encode() + b"\xff\\"))
+    é\xff\\
+    """
+    return "\\\\".join(part.decode("utf-8", "backslashreplace") for part in b.split(b"\\"))
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def unescape_token(s):
+    r"""The inverse of `escape_token`; a ValueError names a bad escape.
+
+    >>> unescape_token(r"é\xff\\")
+    b'\xc3\xa9\xff\\'
+    """
+    out, i = bytearray(), 0
+    while (j := s.find("\\", i)) >= 0:
+        out += s[i:j].encode("utf-8")
+        if s[j + 1 : j + 2] == "\\":
+            out.append(92)
+            i = j + 2
+        elif s[j + 1 : j + 2] == "x" and len(s[j + 2 : j + 4]) == 2 and set(s[j + 2 : j + 4]) <= _HEX:
+            out.append(int(s[j + 2 : j + 4], 16))
+            i = j + 4
+        else:
+            raise ValueError(f"bad escape in token {s!r}: expected \\\\ or \\xNN")
+    out += s[i:].encode("utf-8")
+    if not out:
+        raise ValueError("empty token in merges")
+    return bytes(out)

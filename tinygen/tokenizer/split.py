@@ -4,8 +4,8 @@ BPE never merges across chunk boundaries, so the split pattern decides which
 tokens can exist at all: GPT-2's keeps a leading space with the word after it
 (" hello"), GPT-4's also caps digit runs at three and keeps newlines apart.
 Both are byte-exact copies of tiktoken's patterns; `splitter(pattern)` returns
-a function that splits a text exactly as `regex.findall(pattern, text)` would,
-faster for the built-in patterns (see its docstring). docs/tokenizer.md
+a `Splitter`, which splits a text exactly as `regex.findall(pattern, text)`
+would, faster for the built-in patterns (see its docstring). docs/tokenizer.md
 explains the patterns.
 """
 import functools
@@ -36,7 +36,15 @@ def compile_pattern(pattern):
 
 @functools.lru_cache(maxsize=8)
 def splitter(pattern, block=1 << 16):
-    """The pattern's chunks of a text, as a list of lists (one per stretch of the text).
+    """The `Splitter` of a pattern (shared: one per pattern and block size)."""
+    return Splitter(pattern, block)
+
+
+class Splitter:
+    """A pattern's chunks of a text, as a list of lists (one per stretch of the text).
+
+    `Splitter(GPT2_PATTERN)("hi there")` -> [["hi", " there"]]; joined, the
+    lists are exactly `regex.findall(pattern, text)`.
 
     For GPT-2's and GPT-4's patterns there is a faster way than `regex`:
     Python's `re` runs them about twice as fast once \\p{L}, \\p{N} and \\s are
@@ -46,37 +54,87 @@ def splitter(pattern, block=1 << 16):
     Stretches holding non-ASCII characters go to `regex`, the rest to `re`, in
     blocks of about `block` characters so that each block's chunks stay in the
     CPU cache while they are encoded.
-    """
-    slow = compile_pattern(pattern).findall
-    if pattern not in PATTERNS.values():
-        return lambda text: [slow(text)]
-    ascii_set = lambda cls: "".join(re.escape(chr(c)) for c in range(128) if regex.match(cls, chr(c)))  # noqa
-    letters, digits, spaces = ascii_set(r"\p{L}"), ascii_set(r"\p{N}"), ascii_set(r"\s")
-    twin = (pattern.replace(r"[^\s\p{L}\p{N}]", f"[^{spaces}{letters}{digits}]")
-            .replace(r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{letters}{digits}]").replace(r"\p{L}", f"[{letters}]")
-            .replace(r"\p{N}", f"[{digits}]").replace(r"\s", f"[{spaces}]").replace(r"\S", f"[^{spaces}]"))
-    fast = re.compile(twin).findall
 
-    def fast_blocks(text, pos, end, out):
+    `re` reads possessive quantifiers (`\\p{L}++`, `?+`, `{1,3}+`) only from
+    Python 3.11. Without them (`possessive=False`, chosen automatically on 3.10)
+    the `re` twin uses the greedy forms, which match the same chunks for these
+    two patterns: a possessive quantifier differs only when what follows it in
+    its alternative fails and backtracking could help, and here nothing can
+    help. Nothing follows `\\p{L}+`, `\\p{N}{1,3}` or `[^\\s\\p{L}\\p{N}]+`
+    that could fail (`[\\r\\n]*` matches empty); an optional non-letter given
+    back before `\\p{L}+` leaves a non-letter where a letter is needed; and a
+    shorter whitespace run than `\\s+` ends before more whitespace, where `$`
+    cannot match. The tests compare both forms with `regex` on every Python.
+
+    A Splitter pickles as its arguments, so it is rebuilt (and recompiled for
+    the Python that loads it) on the other side of a process pool.
+    """
+
+    def __init__(self, pattern, block=1 << 16, possessive=None):
+        self.pattern, self.block, self.possessive = pattern, block, possessive
+        self._slow = compile_pattern(pattern).findall
+        self._fast = _ascii_twin(pattern, possessive).findall if pattern in PATTERNS.values() else None
+
+    def __reduce__(self):
+        return Splitter, (self.pattern, self.block, self.possessive)
+
+    def __repr__(self):
+        return f"Splitter({self.pattern!r})"
+
+    def __call__(self, text):
+        if self._fast is None:
+            return [self._slow(text)]
+        blocks, pos, slow = [], 0, self._slow
+        if not text.isascii():
+            for run in _NON_ASCII.finditer(text):
+                if run.start() >= pos:  # else it is inside the last stretch given to `regex`
+                    start = _safe_point_before(text, run.start(), pos)
+                    self._fast_blocks(text, pos, start, blocks)
+                    pos = _safe_point_after(text, run.end(), len(text))
+                    blocks.append(slow(text, start, pos))
+        self._fast_blocks(text, pos, len(text), blocks)
+        return blocks
+
+    def _fast_blocks(self, text, pos, end, out):
+        """Append the `re` twin's chunks of the ASCII stretch text[pos:end], block by block."""
+        block, fast = self.block, self._fast
         while pos < end:
             cut = _safe_point_after(text, pos + block, end) if end - pos > 2 * block else end
             out.append(fast(text[pos:cut]))  # a slice of ASCII is stored 1 byte/char: faster
             pos = cut
 
-    def split(text):
-        blocks, pos = [], 0
-        if not text.isascii():
-            for run in _NON_ASCII.finditer(text):
-                if run.start() >= pos:  # else it is inside the last stretch given to `regex`
-                    start = _safe_point_before(text, run.start(), pos)
-                    fast_blocks(text, pos, start, blocks)
-                    pos = _safe_point_after(text, run.end(), len(text))
-                    blocks.append(slow(text, start, pos))
-        fast_blocks(text, pos, len(text), blocks)
-        return blocks
 
-    return split
+def _ascii_set(cls):
+    r"""The ASCII characters `regex` puts in a class, escaped for `re`: r"\p{N}" -> "0123456789"."""
+    return "".join(re.escape(chr(c)) for c in range(128) if regex.match(cls, chr(c)))
 
+
+@functools.lru_cache(maxsize=8)
+def _ascii_twin(pattern, possessive=None):
+    """`pattern` for `re`, exact on ASCII text: \\p{L}, \\p{N}, \\s spelled out as ASCII sets.
+
+    possessive=None keeps possessive quantifiers where `re` has them (Python
+    3.11+, ~10 % faster there) and drops them elsewhere; False always drops them.
+    """
+    letters, digits, spaces = _ascii_set(r"\p{L}"), _ascii_set(r"\p{N}"), _ascii_set(r"\s")
+    twin = (pattern.replace(r"[^\s\p{L}\p{N}]", f"[^{spaces}{letters}{digits}]")
+            .replace(r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{letters}{digits}]").replace(r"\p{L}", f"[{letters}]")
+            .replace(r"\p{N}", f"[{digits}]").replace(r"\s", f"[{spaces}]").replace(r"\S", f"[^{spaces}]"))
+    if possessive is not False:
+        try:
+            return re.compile(twin)
+        except re.error:  # Python 3.10: "multiple repeat"
+            if possessive:
+                raise
+    return re.compile(greedy(twin))
+
+
+def greedy(pattern):
+    r"""`pattern` with its possessive quantifiers made greedy: r"\p{L}++|x{1,3}+|y?+" -> r"\p{L}+|x{1,3}|y?"."""
+    return _POSSESSIVE.sub(r"\1", pattern)
+
+
+_POSSESSIVE = re.compile(r"(?<!\\)([+*?]|\{\d+(?:,\d*)?\})\+")
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")

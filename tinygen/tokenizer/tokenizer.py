@@ -1,10 +1,13 @@
 """The tokenizer: text <-> token ids by byte-level BPE, with special tokens and file formats.
 
 Text is split into chunks by a regex (GPT-2's or GPT-4's pattern, or yours), each
-chunk's UTF-8 bytes are encoded by BPE (`tinygen.tokenizer.bpe`), and the ids are joined.
-Special tokens such as "<|endoftext|>" are matched before the split and never
-come out of ordinary text. Semantics follow tiktoken, so GPT-2's files and
-cl100k's rank file encode token for token as OpenAI's tokenizers do.
+chunk's UTF-8 bytes are encoded by BPE (`tinygen.tokenizer.bpe`), and the ids are
+joined. Special tokens such as "<|endoftext|>" are matched before the split and
+never come out of ordinary text. Semantics follow tiktoken, so GPT-2's files and
+cl100k's rank file encode token for token as OpenAI's tokenizers do, and the
+`Tokenizer` answers to tiktoken's `Encoding` methods (encode_batch,
+decode_with_offsets, encode_single_token, n_vocab, ...; docs/tokenizer.md lists
+them and the few places tinygen is deliberately stricter).
 
     tok = Tokenizer.train("hello hello world", vocab_size=260, special_tokens=[ENDOFTEXT])
     ids = tok.encode("hello<|endoftext|>", allowed_special="all")
@@ -15,7 +18,10 @@ token in merge order, then the special tokens. A token's id is its merge rank.
 """
 import functools
 import json
+import numbers
+import operator
 import os
+import types
 from collections import Counter
 from itertools import chain
 
@@ -26,7 +32,8 @@ from .bpe import encode_piece, recover_merges, train_merges
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_text, parse_json
 from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
-from .files import read_gpt2, read_tiktoken
+from .compat import TiktokenMethods, TokenNotFound
+from .files import escape_token, read_gpt2, read_tiktoken, unescape_token
 
 ENDOFTEXT = "<|endoftext|>"
 CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
@@ -35,11 +42,14 @@ FORMAT, VERSION = "tinygen-tokenizer", 1
 MAX_PATTERN_CHARS = 10_000  # a split pattern read from a file; GPT-4's has 131
 
 
-class Tokenizer:
+class Tokenizer(TiktokenMethods):
     """Byte-level BPE: `ranks` maps token bytes to ids; ids of special tokens come after.
 
-    Build one with `train`, `load`, `load_dir`, `from_tiktoken` or `from_gpt2`.
-    Encoding caches the ids of each distinct chunk (cleared past `cache_size`).
+    Build one with `train`, `load`, `load_dir`, `from_tiktoken` or `from_gpt2`;
+    add special tokens to any of them with `with_special_tokens`.
+    Encoding caches the ids of each distinct chunk (dropped past `cache_size`).
+    A Tokenizer pickles as its vocabulary (not its caches), so it can be sent
+    to a process pool.
     """
 
     cache_size = 200_000
@@ -48,20 +58,21 @@ class Tokenizer:
         self.pattern = PATTERNS.get(pattern, pattern)
         self._splitter = splitter(self.pattern)
         self._covers = self.pattern in PATTERNS.values()  # built-ins match every character
-        if any(bytes([b]) not in ranks for b in range(256)):
-            raise TinygenError("a byte-level vocabulary needs all 256 single bytes as tokens")
+        if any(bytes([b]) not in ranks for b in range(256)) or b"" in ranks:
+            raise TinygenError("a byte-level vocabulary needs all 256 single bytes as tokens, and no empty token")
         self._ranks = dict(ranks)
         self._id_bytes = {i: b for b, i in self._ranks.items()}
         if len(self._id_bytes) != len(self._ranks) or min(self._id_bytes) < 0:
             raise TinygenError("token ids must be distinct non-negative integers")
         self.special_tokens = dict(special_tokens or {})
         for name, i in self.special_tokens.items():
-            if not isinstance(name, str) or not name or not isinstance(i, int) or i < 0 or i in self._id_bytes:
+            if not isinstance(name, str) or not name or not _is_int(i) or i < 0 or i in self._id_bytes:
                 raise TinygenError(f"special token {name!r} -> {i!r}: expected a new non-empty string "
                                    "and an unused non-negative id")
             self._id_bytes[i] = name.encode("utf-8")
         if len(set(self.special_tokens.values())) != len(self.special_tokens):
             raise TinygenError("special tokens must have distinct ids")
+        self._special_ids = frozenset(self.special_tokens.values())
         self.vocab_size = max(self._id_bytes) + 1
         self.eot_id = self.special_tokens.get(ENDOFTEXT)
         self._merges = merges
@@ -70,6 +81,11 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)})"
+
+    def __reduce__(self):
+        """Pickle as the arguments that rebuild it: the vocabulary, not the caches."""
+        state = {"cache_size": self.cache_size} if "cache_size" in self.__dict__ else None
+        return type(self), (self._ranks, self.pattern, self.special_tokens, self._merges), state
 
     # ---- training ----------------------------------------------------------------
     @classmethod
@@ -109,13 +125,34 @@ class Tokenizer:
         pairs = [(token_bytes[a], token_bytes[b]) for a, b in merges]
         return cls(ranks, pattern, named, pairs)
 
+    def with_special_tokens(self, tokens):
+        """A copy with more special tokens: {name: id}, or names that get the next ids from `n_vocab` up.
+
+        Ordinary text encodes exactly as before (same ranks, pattern and merges).
+        tiktoken's way, a new Encoding with `special_tokens={**old, name: id}`,
+        works too: `Tokenizer(tok.mergeable_ranks, tok.pattern, {**tok.special_tokens, name: id})`.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, "gpt2", {ENDOFTEXT: 256})
+        >>> tok.with_special_tokens(["<|im_start|>", "<|im_end|>"]).special_tokens
+        {'<|endoftext|>': 256, '<|im_start|>': 257, '<|im_end|>': 258}
+        """
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        if not isinstance(tokens, dict):
+            tokens = {name: self.vocab_size + k for k, name in enumerate(dict.fromkeys(tokens))}
+        for name in tokens:
+            if name in self.special_tokens:
+                raise TinygenError(f"special token {name!r} is already in this tokenizer "
+                                   f"(id {self.special_tokens[name]})")
+        return type(self)(self._ranks, self.pattern, {**self.special_tokens, **tokens}, self._merges)
+
     # ---- encoding ----------------------------------------------------------------
     def split(self, text):
         """The pattern's chunks of `text`: "hello world" -> ["hello", " world"]."""
         return list(chain.from_iterable(self._blocks(text)))
 
     def _blocks(self, text):
-        """Lists of chunks for consecutive stretches of `text` (see split.splitter)."""
+        """Lists of chunks for consecutive stretches of `text` (see split.Splitter)."""
         blocks = self._splitter(text)
         if not self._covers and sum(map(len, blocks[0])) != len(text):
             raise TinygenError("the split pattern skipped characters of the text; a custom pattern must "
@@ -124,6 +161,8 @@ class Tokenizer:
 
     def encode_ordinary(self, text):
         """Ids of `text`, with special-token strings encoded as ordinary text."""
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
         try:
             return self._encode_text(text)
         except UnicodeEncodeError:  # lone surrogates: replaced by U+FFFD, as tiktoken does
@@ -142,6 +181,22 @@ class Tokenizer:
         `allowed_special="all"` or a set encodes those as their ids;
         `disallowed_special=()` encodes them as ordinary text.
         """
+        allowed = self._allowed_specials(text, allowed_special, disallowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        pieces = _special_regex(allowed).split(text)  # text, special, text, special, ..., text
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self.encode_ordinary(piece)
+        return ids
+
+    def _allowed_specials(self, text, allowed_special, disallowed_special):
+        """The special tokens to encode as ids; raises if `text` holds a disallowed one."""
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
         for arg in (allowed_special, disallowed_special):
             if isinstance(arg, str) and arg != "all":
                 raise TinygenError(f"allowed_special/disallowed_special: expected 'all' or a set of strings, "
@@ -157,23 +212,28 @@ class Tokenizer:
                 name = found.group()
                 raise TinygenError(f"text contains the special token {name!r}: pass allowed_special={{{name!r}}} "
                                    "to encode it as a special token, or disallowed_special=() to encode it as text")
-        if not allowed:
-            return self.encode_ordinary(text)
-        ids = []
-        pieces = _special_regex(allowed).split(text)  # text, special, text, special, ..., text
-        for k, piece in enumerate(pieces):
-            if k % 2:
-                ids.append(self.special_tokens[piece])
-            elif piece:
-                ids += self.encode_ordinary(piece)
-        return ids
+        return allowed
 
-    def encode_batch(self, texts, allowed_special=frozenset(), disallowed_special="all"):
-        """`encode` of each text: a list of lists of ids."""
-        return [self.encode(t, allowed_special, disallowed_special) for t in texts]
+    def encode_single_token(self, text_or_bytes):
+        """The id of the one token whose text (a str) or bytes this is, special tokens included.
+
+        Raises TokenNotFound (a KeyError, as in tiktoken) when no single token is exactly that.
+        >>> Tokenizer({bytes([b]): b for b in range(256)}, "gpt2", {ENDOFTEXT: 256}).encode_single_token("h")
+        104
+        """
+        if isinstance(text_or_bytes, str):
+            text_or_bytes = text_or_bytes.encode("utf-8")
+        elif not isinstance(text_or_bytes, bytes):
+            raise TypeError(f"encode_single_token takes a str or bytes, got {type(text_or_bytes).__name__}")
+        i = self._ranks.get(text_or_bytes)
+        if i is None:
+            i = self.special_tokens.get(text_or_bytes.decode("utf-8", "replace"))
+            if i is None or self._id_bytes[i] != text_or_bytes:
+                raise TokenNotFound(f"{text_or_bytes!r} is not a single token of this vocabulary")
+        return i
 
     def _encode_chunks(self, chunks):
-        cache = self._cache
+        cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
         missing = set(chunks).difference(cache)
         if missing:
             ranks = self._ranks
@@ -183,27 +243,49 @@ class Tokenizer:
                 cache[chunk] = (i,) if i is not None else encode_piece(piece, ranks)
         ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
         if len(cache) > self.cache_size:
-            cache.clear()
+            self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
         return ids
 
     # ---- decoding ----------------------------------------------------------------
-    def decode_bytes(self, ids):
-        """The exact bytes of `ids` (special tokens as their UTF-8 text); a list or NumPy array."""
-        ids = ids if hasattr(ids, "__len__") else list(ids)
-        if len(ids) >= 512:  # long: gather the bytes with NumPy, ~3x faster than joining
-            arr = np.asarray(ids)
-            if arr.ndim == 1 and arr.dtype.kind in "iu" and 0 <= arr.min() and arr.max() < self.vocab_size:
-                flat, starts, lens = self._decode_table()
-                if lens[arr].min() >= 0:  # no unused id; gather in blocks that fit the CPU cache
-                    blocks = np.split(arr, range(1 << 15, len(arr), 1 << 15))
-                    return b"".join(_gather(flat, starts[a], lens[a]) for a in blocks)
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        try:
-            return b"".join(map(self._id_bytes.__getitem__, ids))
-        except (KeyError, TypeError):
-            for i in ids:
-                self.id_to_bytes(i)
+    def decode_bytes(self, tokens):
+        """The exact bytes of `tokens` (special tokens as their UTF-8 text); a list or 1-D NumPy array.
+
+        Ids are integers (int, NumPy integers: anything with __index__), as in
+        tiktoken: 1.0, "1" or a float array raise TypeError; an id outside the
+        vocabulary raises TokenNotFound (a KeyError and a ValueError).
+        """
+        if isinstance(tokens, np.ndarray) and (tokens.dtype.kind not in "iuO" or tokens.ndim != 1):
+            raise TypeError(f"token ids must be a 1-D array of integers, got a {tokens.ndim}-D {tokens.dtype} array")
+        if not hasattr(tokens, "__len__"):
+            tokens = list(tokens)
+        if len(tokens) >= 512:  # long: gather the bytes with NumPy, ~3x faster than joining
+            out = self._decode_numpy(tokens)
+            if out is not None:
+                return out
+        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else tokens
+        try:  # operator.index rejects 1.0, which would otherwise find id 1 in the dict
+            return b"".join(map(self._id_bytes.__getitem__, map(operator.index, tokens)))
+        except KeyError:
+            for i in tokens:
+                self.id_to_bytes(i)  # raises TokenNotFound naming the first unknown id
             raise
+
+    def _decode_numpy(self, tokens):
+        """decode_bytes of a long integer sequence by gathering from one byte table; None if not that."""
+        if isinstance(tokens, np.ndarray):
+            arr = tokens
+        else:  # operator.index on each, so that 1.0 or np.bool_ is a TypeError here too, as in tiktoken
+            try:
+                arr = np.fromiter(map(operator.index, tokens), dtype=np.int64, count=len(tokens))
+            except OverflowError:  # an id beyond int64: let the slow path name it
+                return None
+        if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= self.vocab_size:
+            return None
+        flat, starts, lens = self._decode_table()
+        if lens[arr].min() < 0:  # an unused id: let the slow path name it
+            return None
+        blocks = np.split(arr, range(1 << 15, len(arr), 1 << 15))  # blocks that fit the CPU cache
+        return b"".join(_gather(flat, starts[a], lens[a]) for a in blocks)
 
     def _decode_table(self):
         """All token bytes in one uint8 array, with each id's start and length (-1: unused id)."""
@@ -215,16 +297,35 @@ class Tokenizer:
             self._table = flat, starts, lens
         return self._table
 
-    def decode(self, ids):
-        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+    def decode(self, tokens, errors="replace"):
+        """Text of `tokens`; bytes that are not valid UTF-8 are handled by `errors`
+        (bytes.decode's: "replace", the default, gives U+FFFD; "strict" raises)."""
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
     def id_to_bytes(self, i):
-        """The bytes of one token, for streaming decoders: 104 -> b"h" (byte ids)."""
+        """The bytes of one token, for streaming decoders: 104 -> b"h" (byte ids).
+
+        tiktoken calls it `decode_single_token_bytes`. A non-integer raises
+        TypeError, an unknown id TokenNotFound (a KeyError and a ValueError).
+        """
         try:
-            return self._id_bytes[i]
-        except (KeyError, TypeError):
-            raise TinygenError(f"token id {i!r} is not in the vocabulary (ids 0..{self.vocab_size - 1})") from None
+            return self._id_bytes[operator.index(i)]
+        except KeyError:
+            raise TokenNotFound(f"token id {i!r} is not in the vocabulary (ids 0..{self.vocab_size - 1})") from None
+
+    # ---- the vocabulary, also by tiktoken's names ----------------------------------
+    @property
+    def mergeable_ranks(self):
+        """The rank table {token bytes: id} without special tokens, read-only (tiktoken's constructor argument)."""
+        return types.MappingProxyType(self._ranks)
+
+    def token_byte_values(self):
+        """Every ordinary token's bytes, sorted (tiktoken's order): [b"\\x00", b"\\x01", ...]."""
+        return sorted(self._ranks)
+
+    def is_special_token(self, token):
+        """True for the id of a special token."""
+        return operator.index(token) in self._special_ids
 
     # ---- merges and files ----------------------------------------------------------
     @property
@@ -242,7 +343,7 @@ class Tokenizer:
         return {"format": FORMAT, "version": VERSION, "pattern": self.pattern,
                 "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
                 "byte_order": [self._id_bytes[i][0] for i in range(256)],
-                "merges": [[_escape(a), _escape(b)] for a, b in self.merges]}
+                "merges": [[escape_token(a), escape_token(b)] for a, b in self.merges]}
 
     def save(self, path):
         """Write one human-readable JSON file (one field, then one merge, per line), atomically."""
@@ -276,7 +377,7 @@ class Tokenizer:
             for k, (left, right) in enumerate(data["merges"]):
                 if not (isinstance(left, str) and isinstance(right, str)):
                     raise ValueError(f"merge {k}: expected two strings, got {[left, right]!r:.80}")
-                a, b = _unescape(left), _unescape(right)
+                a, b = unescape_token(left), unescape_token(right)
                 if a not in ranks or b not in ranks or a + b in ranks:
                     raise ValueError(f"merge {k} {[left, right]}: both sides must be tokens defined before it, "
                                      "and their concatenation a new one")
@@ -382,28 +483,5 @@ def _utf8(chunk):
         return _fix_surrogates(chunk).encode("utf-8")
 
 
-def _escape(b):
-    r"""Bytes -> readable str: UTF-8 as text, other bytes as \xNN, "\" as "\\": b"\xff a\\" -> '\\xff a\\\\'."""
-    return "\\\\".join(part.decode("utf-8", "backslashreplace") for part in b.split(b"\\"))
-
-
-_HEX = frozenset("0123456789abcdefABCDEF")
-
-
-def _unescape(s):
-    r"""The inverse of `_escape`: '\\xff a\\\\' -> b"\xff a\\"."""
-    out, i = bytearray(), 0
-    while (j := s.find("\\", i)) >= 0:
-        out += s[i:j].encode("utf-8")
-        if s[j + 1 : j + 2] == "\\":
-            out.append(92)
-            i = j + 2
-        elif s[j + 1 : j + 2] == "x" and len(s[j + 2 : j + 4]) == 2 and set(s[j + 2 : j + 4]) <= _HEX:
-            out.append(int(s[j + 2 : j + 4], 16))
-            i = j + 4
-        else:
-            raise ValueError(f"bad escape in token {s!r}: expected \\\\ or \\xNN")
-    out += s[i:].encode("utf-8")
-    if not out:
-        raise ValueError("empty token in merges")
-    return bytes(out)
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
