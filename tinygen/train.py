@@ -119,16 +119,6 @@ class TrainConfig:
 
 
 # Presets are overrides of TrainConfig and DataConfig fields.
-PRESETS = {
-    # seconds: for tests and a first look
-    "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=8,
-                 max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2,
-                 checkpoint_interval=20, corpus_bytes=300_000, tokenizer_bytes=300_000),
-    # the default: about 4 minutes on 2 cores (the TrainConfig/DataConfig defaults)
-    "small": dict(),
-}
-
-
 class TrainingDiverged(TinygenError):
     """The loss or the gradients became NaN or infinite."""
 
