@@ -35,7 +35,7 @@ def integer(low: int) -> Callable:
 def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_open=False) -> Callable:
     """A check: a finite real number (bool excluded) in the interval [low, high], ends open as asked."""
     def check(value):
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and _finite(value)
         ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
         if ok:
             return None
@@ -43,6 +43,14 @@ def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_
         return "a positive number" if (low, low_open, high) == (0, True, math.inf) else \
             f"a number in {left}{low:g}, {high:g}{right}"
     return check
+
+
+def _finite(value) -> bool:
+    """math.isfinite, and False (not OverflowError) for an int beyond a float's range, like 10**400."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def one_of(*choices) -> Callable:
@@ -204,51 +212,64 @@ class GPTConfig:
         }
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote, with or without experts)."""
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "GPTConfig":
+        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote, with or without experts).
+
+        Sizes must be JSON integers; anything else (a string, 768.0, true,
+        null, a missing field) is a TinygenError naming `where` and the field.
+        """
+        if not isinstance(hf, dict):
+            raise TinygenError(f"{where}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "gpt2")
         if model_type == MOE_MODEL_TYPE:
-            return cls._from_moe_hf(hf)
+            return cls._from_moe_hf(hf, where)
         if model_type != "gpt2":
-            raise TinygenError(f"config.json: model_type must be 'gpt2' or {MOE_MODEL_TYPE!r} (tinygen's "
-                               f"mixture of experts), got {model_type!r}")
+            raise TinygenError(f"{where}: model_type must be 'gpt2' or {MOE_MODEL_TYPE!r} (tinygen's mixture of "
+                               f"experts), got {model_type!r:.60}")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise TinygenError(f"config.json: activation_function {act!r} is not GPT-2's tanh GELU")
-        if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
-            raise TinygenError("config.json: n_inner must be 4 * n_embd (GPT-2's MLP width)")
+            raise TinygenError(f"{where}: activation_function {act!r:.60} is not GPT-2's tanh GELU")
         extra = hf.get("tinygen", {})
+        if not isinstance(extra, dict):
+            raise TinygenError(f"{where}: \"tinygen\" must be an object, got {type(extra).__name__}")
         if extra.get("n_expert"):
-            raise TinygenError(f"config.json: model_type 'gpt2' with n_expert={extra['n_expert']!r} under 'tinygen': "
+            raise TinygenError(f"{where}: model_type 'gpt2' with n_expert={extra['n_expert']!r:.20} under 'tinygen': "
                                f"a checkpoint with experts says model_type {MOE_MODEL_TYPE!r}; this file is "
                                "inconsistent, so tinygen will not guess which half is right")
+        missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+        missing += [] if "n_positions" in hf or "n_ctx" in hf else ["n_positions"]
+        if missing:
+            raise TinygenError(f"{where}: missing field {missing[0]!r}")
         try:
-            return cls(
-                vocab_size=int(hf["vocab_size"]),
-                block_size=int(hf.get("n_positions", hf.get("n_ctx"))),
-                n_layer=int(hf["n_layer"]),
-                n_head=int(hf["n_head"]),
-                n_embd=int(hf["n_embd"]),
-                dropout=float(extra.get("dropout", 0.0)),
-                dtype=str(extra.get("dtype", "float32")),
-            )
-        except (KeyError, TypeError) as e:
-            raise TinygenError(f"config.json: missing or malformed field {e}") from None
+            config = cls(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx")),
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         dropout=extra.get("dropout", 0.0), dtype=extra.get("dtype", "float32"))
+        except TinygenError as e:  # "GPTConfig.n_embd must be a positive integer, got '768'": config.json's names
+            names = {"GPTConfig.block_size": "n_positions", "GPTConfig.dropout": 'dropout (under "tinygen")',
+                     "GPTConfig.dtype": 'dtype (under "tinygen")', "GPTConfig.": ""}
+            message = str(e)
+            for ours, theirs in names.items():
+                message = message.replace(ours, theirs)
+            raise TinygenError(f"{where}: {message}") from None
+        if hf.get("n_inner") not in (None, 4 * config.n_embd):
+            raise TinygenError(f"{where}: n_inner must be 4 * n_embd (GPT-2's MLP width)")
+        return config
 
     @classmethod
-    def _from_moe_hf(cls, hf: dict) -> "GPTConfig":
+    def _from_moe_hf(cls, hf: dict, where: str) -> "GPTConfig":
         """The config.json of a model with experts: every field under "tinygen" (see to_hf)."""
         values = hf.get("tinygen")
         if not isinstance(values, dict):
-            raise TinygenError(f"config.json: model_type {MOE_MODEL_TYPE!r} needs a 'tinygen' object "
+            raise TinygenError(f"{where}: model_type {MOE_MODEL_TYPE!r} needs a 'tinygen' object "
                                "holding the model's fields")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise TinygenError(f"config.json: unknown field {unknown[0]!r} under 'tinygen'; written by a newer tinygen?")
+            raise TinygenError(f"{where}: unknown field {unknown[0]!r:.60} under 'tinygen'; written by a newer "
+                               "tinygen?")
         if not values.get("n_expert"):
-            raise TinygenError(f"config.json: model_type {MOE_MODEL_TYPE!r} but n_expert under 'tinygen' is "
-                               f"{values.get('n_expert')!r}: a model with experts needs n_expert > 0")
+            raise TinygenError(f"{where}: model_type {MOE_MODEL_TYPE!r} but n_expert under 'tinygen' is "
+                               f"{values.get('n_expert')!r:.20}: a model with experts needs n_expert > 0")
         try:
             return cls(**values)
-        except TypeError as e:
-            raise TinygenError(f"config.json: missing or malformed field: {e}") from None
+        except TinygenError as e:  # "GPTConfig.n_embd must be a positive integer, got '128'"
+            raise TinygenError(f"{where}: {str(e).replace('GPTConfig.', '')} (under 'tinygen')") from None

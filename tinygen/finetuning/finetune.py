@@ -25,18 +25,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 
-from ..checkpoint import TOKENIZER
+from ..checkpoint import TOKENIZER, report_kept
 from ..config import NON_NEGATIVE, POSITIVE, PROBABILITY, boolean, number, one_of, option, optional, validate
 from ..errors import TinygenError
 from ..gpt import GPT
 from ..model import param_shapes
-from ..plumbing.fileio import atomic_write_json, read_json
+from ..plumbing.fileio import atomic_copy, atomic_write_json, make_dirs, parse_json, read_json
+from ..plumbing.lock import run_lock
 from ..plumbing.safetensors import load_file, load_metadata, save_file
 from ..tokenizer.tokenizer import Tokenizer
 from ..train import TrainConfig, train
@@ -175,15 +175,21 @@ def save_adapter(path, model: GPT, names, identity: dict, fc: FinetuneConfig) ->
 def adapter_config(meta: dict, path) -> FinetuneConfig:
     """The FinetuneConfig an adapter file was trained with, from its metadata.
 
-    Version 1 files recorded only the method and LoRA's spec, which is all the parts need."""
-    if meta.get("version") == "1":
-        lora = json.loads(meta.get("lora", "null"))
-        fields = {} if lora is None else {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
-                                          "lora_dropout": lora["dropout"], "lora_targets": ",".join(lora["targets"])}
-        return FinetuneConfig(method=meta.get("method"), **fields)
-    if meta.get("version") != VERSION:
-        raise TinygenError(f"{path}: fine-tuning file version {meta.get('version')!r}; this tinygen reads 1 and {VERSION}")
-    return FinetuneConfig(**json.loads(meta["config"]))
+    Version 1 files recorded only the method and LoRA's spec, which is all the parts need.
+    Damaged metadata (not JSON, a field missing or of the wrong type) is a TinygenError naming the file."""
+    version = meta.get("version")
+    if version not in ("1", VERSION):
+        raise TinygenError(f"{path}: fine-tuning file version {version!r:.40}; this tinygen reads 1 and {VERSION}")
+    try:
+        if version == "1":
+            lora = parse_json(meta.get("lora", "null"), f"{path}: metadata \"lora\"")
+            fields = {} if lora is None else {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
+                                              "lora_dropout": lora["dropout"],
+                                              "lora_targets": ",".join(lora["targets"])}
+            return FinetuneConfig(method=meta.get("method"), **fields)
+        return FinetuneConfig(**parse_json(meta["config"], f"{path}: metadata \"config\""))
+    except (KeyError, TypeError, ValueError) as e:  # TinygenError is a ValueError
+        raise TinygenError(f"{path}: malformed metadata: {str(e)[:200]}") from None
 
 
 def apply_adapter(base: GPT, path) -> GPT:
@@ -195,7 +201,8 @@ def apply_adapter(base: GPT, path) -> GPT:
         raise TinygenError(f"{path}: not a tinygen fine-tuning file (format {meta.get('format')!r})")
     fc = adapter_config(meta, path)
     identity = base_identity(base.params, base.config)
-    if json.loads(meta.get("base_shapes", "{}")) != identity["shapes"]:
+    shapes = parse_json(meta.get("base_shapes", "{}"), f"{path}: metadata \"base_shapes\"")
+    if shapes != identity["shapes"]:
         raise TinygenError(f"{path} was trained on a base with other tensor shapes than this one "
                            f"(n_layer={base.config.n_layer}, n_embd={base.config.n_embd}, "
                            f"vocab_size={base.config.vocab_size}); load it on the base it was trained on")
@@ -204,6 +211,22 @@ def apply_adapter(base: GPT, path) -> GPT:
                            f"this base is {identity['sha256'][:12]}...); load it on the base it was trained on")
     params = {**base.params, **load_file(path)}
     return GPT(base.config, params=params, parts=METHODS[fc.method].attach(base.parts, fc))
+
+
+def read_run_file(run_dir) -> tuple:
+    """(finetune.json's contents, its FinetuneConfig) of RUN_DIR, checked: a malformed file is
+    a TinygenError naming it, never a KeyError or TypeError further on."""
+    path = os.path.join(os.fspath(run_dir), FINETUNE_FILE)
+    info = read_json(path, what="fine-tuning description")
+    ok = isinstance(info, dict) and isinstance(info.get("config"), dict)
+    if not (ok and isinstance(info.get("base"), str) and isinstance(info.get("data"), str)):
+        raise TinygenError(f"{path}: malformed: expected an object with \"config\" (an object), "
+                           "\"base\" and \"data\" (strings)")
+    try:
+        fc = FinetuneConfig(**info["config"])
+    except (TypeError, TinygenError) as e:  # an unknown field; a value its check refuses
+        raise TinygenError(f"{path}: malformed \"config\": {str(e)[:200]}") from None
+    return info, fc
 
 
 def is_finetuned_run(run_dir) -> bool:
@@ -218,8 +241,7 @@ def load_run(run_dir, base_dir=None, merged=False) -> GPT:
     plain GPT-2, which every decoding path (kv_decoding.decode_step included) handles.
     """
     run_dir = os.fspath(run_dir)
-    info = read_json(os.path.join(run_dir, FINETUNE_FILE), what="fine-tuning description")
-    fc = FinetuneConfig(**info["config"])
+    info, fc = read_run_file(run_dir)
     if METHODS[fc.method].whole_model:
         return GPT.from_pretrained(run_dir)
     base_dir = base_dir or info.get("base")
@@ -231,13 +253,13 @@ def load_run(run_dir, base_dir=None, merged=False) -> GPT:
 
 def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: dict) -> None:
     """finetune.json (method, config, base path and identity) and the base's tokenizer.json."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir)
     atomic_write_json(os.path.join(out_dir, FINETUNE_FILE), {
         "format": FORMAT, "version": VERSION, "method": fc.method, "base": os.path.abspath(base_dir),
         "base_sha256": identity["sha256"], "data": data, "config": fc.to_dict()})
     src = os.path.join(base_dir, TOKENIZER)
     if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(out_dir, TOKENIZER))
+        atomic_copy(src, os.path.join(out_dir, TOKENIZER))
 
 
 # ------------------------------------------------------------------ the run
@@ -261,7 +283,8 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     "accuracy", "examples"}}}; the evaluation (on the test split) is also
     written to out_dir/eval.json. `splits` skips reading the data again, and
     `encoded` ({"train", "val": [Encoded]}, made for this model's capacity)
-    skips tokenizing them.
+    skips tokenizing them. out_dir's lock (tinygen.plumbing.lock) is held from
+    before finetune.json is written to the end: a second writer gets RunDirBusy.
     """
     if os.path.abspath(base_dir) == os.path.abspath(out_dir):
         raise TinygenError(f"--out {out_dir} is the base run directory; fine-tuning never writes its base")
@@ -275,18 +298,21 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     B = fc.batch_size
     val_batches = [make_batch(val_enc[i:i + B], pad) for i in range(0, min(len(val_enc), B * fc.eval_batches), B)]
     identity = base_identity(base.params, base.config)
-    write_run_files(out_dir, base_dir, fc, data, identity)
     added = [n for n in model.params if n not in base.params]
     if METHODS[fc.method].whole_model:
         save_weights = model.save_pretrained
     else:
         def save_weights(directory):
             save_adapter(os.path.join(directory, ADAPTER_FILE), model, added, identity, fc)
-    result = train(model, batches(train_enc, B, pad, fc.seed), fc.train_config(base.config), out_dir,
-                   val_batches=val_batches, trainable=trainable(fc), resume=resume, save_weights=save_weights,
-                   progress=progress, log=log)
-    if result.interrupted:
-        return {"train": result._asdict(), "eval": {}}
-    scores = evaluate_tasks(merged_model(model, fc), tokenizer, splits["test"], fc.eval_examples)
-    atomic_write_json(os.path.join(out_dir, "eval.json"), {"split": "test", "tasks": scores})
+    # one writer of out_dir from before finetune.json is written (RunDirBusy names the other's pid);
+    # a failed write says what out_dir still holds
+    with run_lock(out_dir), report_kept(out_dir):
+        write_run_files(out_dir, base_dir, fc, data, identity)
+        result = train(model, batches(train_enc, B, pad, fc.seed), fc.train_config(base.config), out_dir,
+                       val_batches=val_batches, trainable=trainable(fc), resume=resume, save_weights=save_weights,
+                       progress=progress, log=log)
+        if result.interrupted:
+            return {"train": result._asdict(), "eval": {}}
+        scores = evaluate_tasks(merged_model(model, fc), tokenizer, splits["test"], fc.eval_examples)
+        atomic_write_json(os.path.join(out_dir, "eval.json"), {"split": "test", "tasks": scores})
     return {"train": result._asdict(), "eval": scores}

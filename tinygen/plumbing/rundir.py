@@ -13,6 +13,7 @@
         train.npy              TRAIN_TOKENS    training split, memory-mapped
         val.npy                VAL_TOKENS      validation split
         tokens.json            TOKENS_INFO     digests and counts; written last
+      .tinygen.lock            LOCK_FILE     the one writer's lock and pid (tinygen.plumbing.lock)
 
 Every module that writes or reads one of these files imports its name from
 here (checkpoint.py, data.py, train.py, pretrain.py, the commands), so a
@@ -32,3 +33,4 @@ DATA_DIR = "data"
 TRAIN_TOKENS = "train.npy"
 VAL_TOKENS = "val.npy"
 TOKENS_INFO = "tokens.json"
+LOCK_FILE = ".tinygen.lock"
