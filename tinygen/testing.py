@@ -14,8 +14,15 @@ float64 forward and backward passes are a reference to test it against:
 Strategies: `configs` -> GPTConfig, `token_batches` -> (B, T) int64 ids,
 `arrays` -> finite arrays of moderate magnitude. Re-exported checks:
 `gradcheck`, `check_layer`, `check_model`, `THRESHOLD` (see
-tinygen.numerical and docs/gradcheck.md). docs/testing.md has a worked
+tinygen.gradient_check and docs/gradcheck.md). docs/testing.md has a worked
 example.
+
+Mutation testing: `inject_bug(name)` is a context manager that puts one of
+the classic bugs of `BUGS` (tinygen.bugs, docs/bugs.md) into tinygen, so you
+can see your own tests against tinygen fail under it:
+
+    with inject_bug("causal-mask-off"):
+        my_causality_test()          # should now fail
 
 hypothesis is a test extra, not a run-time dependency of tinygen.
 """
@@ -27,10 +34,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import numpy as np
 
+from .bugs import BUGS, inject as inject_bug
 from .config import GPTConfig
 from .gradient_check import THRESHOLD, check_layer, check_model, gradcheck
 
-__all__ = ["configs", "token_batches", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
+__all__ = ["configs", "token_batches", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD",
+           "BUGS", "inject_bug"]
 
 
 @st.composite

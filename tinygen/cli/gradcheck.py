@@ -156,10 +156,16 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs and checked coordinates (default: 0)")
     p.add_argument("--max-coords", type=int, default=64, help="entries checked per tensor; larger tensors get a random subset (default: 64)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help=f"largest relative error that passes (default: {THRESHOLD:g})")
+    p.add_argument("--break", dest="bug", metavar="NAME", default=None,
+                   help="inject a classic backprop bug and show which checks catch it; 'list' lists them (docs/bugs.md)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.bug is not None:  # the bug catalogue: tinygen/bug_checks.py
+        from ..bug_checks import run_break
+
+        return run_break(args.bug, args.seed)
     t0 = time.perf_counter()
     results = layer_checks(args.seed, args.max_coords)
     results.append(model_check(args.seed, max(4, args.max_coords // 4)))

@@ -10,10 +10,10 @@ import sys
 
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
-from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
+from . import demo, exercises, explain, finetune, gradcheck, pretrain, sample, tokenizer
 
 # in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, and the demo
-COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck]
+COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck, exercises, explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
