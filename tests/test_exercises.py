@@ -148,3 +148,26 @@ def test_names_resolve():
     assert resolve("gelu") == resolve("ex04_gelu") == resolve("ex04_gelu.py") == resolve("4") == "gelu"
     assert main(["exercises", "check", str(SOLUTIONS), "nope"]) == 2
     assert main(["exercises", "check", "/nonexistent/dir"]) == 2
+
+
+def test_properties_run_without_hypothesis(monkeypatch):
+    """hypothesis is a test extra: without it the grader draws seeded examples instead."""
+    import sys
+
+    from tinygen.exercises.grading import Mismatch, property_holds
+
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # `import hypothesis` now raises ImportError
+    assert check(SOLUTIONS)[1]
+    seen = []
+
+    def fails_for_large_T(rng, T):
+        seen.append(T)
+        if T > 3:
+            raise Mismatch("y (causality)", None, "")
+
+    with pytest.raises(Mismatch) as info:
+        property_holds(fails_for_large_T, "a hint", T=(1, 6))
+    assert info.value.tensor.startswith("y (causality) [T=") and info.value.hint == "a hint" and seen[-1] > 3
+    seen.clear()
+    property_holds(lambda rng, T: seen.append(T), "", examples=20, T=(1, 6))
+    assert len(seen) == 20 and len(set(seen)) > 1
