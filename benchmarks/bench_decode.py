@@ -31,7 +31,7 @@ def decode_child(config: str, use_cache: bool, new_tokens: int, prompt_lengths: 
     import numpy as np
 
     from tinygen.kv_decoding import Decoder
-    from tinygen.model import GPT
+    from tinygen.gpt import GPT
 
     cfg = DECODE_CONFIGS[config]
     model = GPT(common.gpt_config(cfg), seed=0)

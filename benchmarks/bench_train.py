@@ -3,11 +3,15 @@
     python benchmarks/bench_train.py                      # S and M, defaults
     python benchmarks/bench_train.py --configs S,M,S64 --rounds 3
     python benchmarks/bench_train.py --profile            # cProfile, top 25 by tottime
+    python benchmarks/bench_train.py --configs S --malloc both   # the cost of not reusing freed memory
 
 One step = the training loop's: forward + backward of the batch's shards on
-`--workers` threads, summed into the flat grad buffer
-(`train.accumulate_grads`), then clip_grad_norm and AdamW.step, each timed
-on its own. Forward alone (training mode, caches
+`--workers` threads, summed into the optimizer's flat grad buffer
+(`train.accumulate_grads`), then `opt.clip_grads` and `opt.step`, each timed
+on its own. `--malloc reuse` (the default) first calls
+tinygen.plumbing.memory.reuse_freed_memory, as the `tinygen` command does;
+`--malloc default` leaves glibc's malloc as it is, as a library caller that
+does not opt in gets it; `--malloc both` runs each config both ways. Forward alone (training mode, caches
 kept) is timed in extra calls interleaved with the steps, so bwd = (fwd+bwd) - fwd.
 Each config runs in its own process (per-config peak RSS), `--rounds` times
 interleaved (S M S M ...); the table shows medians of the per-process
@@ -34,18 +38,19 @@ class Step:
 
         fwdbwd()    train.accumulate_grads: the shards' forward + backward on the
                     worker threads, summed into the optimizer's flat grad buffer
-        optimize()  clip_grad_norm, then AdamW.step -> (clip_s, adamw_s)
+        optimize()  opt.clip_grads, then opt.step -> (clip_s, adamw_s)
         forward()   the shards' forward + loss alone (caches kept, as before a backward)
     """
 
-    def __init__(self, cfg: dict, seed: int, workers: int):
+    def __init__(self, cfg: dict, seed: int, workers: int, reuse_memory: bool = True):
         from tinygen.plumbing.memory import reuse_freed_memory
-        from tinygen.model import GPT
+        from tinygen.gpt import GPT
         from tinygen.optim import AdamW
         from tinygen.plumbing.parallel import Workers, default_workers, ranges
         from tinygen.train import TrainConfig
 
-        reuse_freed_memory()  # as tinygen's training loop does
+        if reuse_memory:
+            reuse_freed_memory()  # as the tinygen command does (the library leaves malloc alone)
         self.model = GPT(common.gpt_config(cfg), seed)
         self.idx, self.targets = common.make_batch(cfg, seed)
         B = cfg["batch_size"]
@@ -60,15 +65,14 @@ class Step:
     def fwdbwd(self) -> float:
         from tinygen.train import accumulate_grads
 
-        return accumulate_grads(self.model, self.opt, self.workers, (self.idx, self.targets), self.config, 0)
+        return accumulate_grads(self.model, self.opt, (self.idx, self.targets), workers=self.workers,
+                                config=self.config, step=0)
 
     def optimize(self):
-        from tinygen.optim import clip_grad_norm
-
         t0 = time.perf_counter()
-        clip_grad_norm(self.opt.grad_buffer, common.CLIP, self.workers)
+        self.opt.clip_grads(common.CLIP)
         t1 = time.perf_counter()
-        self.opt.step(self.opt.grads, common.LR)
+        self.opt.step(lr=common.LR)
         return t1 - t0, time.perf_counter() - t1
 
     def forward(self) -> float:
@@ -85,10 +89,10 @@ class Step:
 
 
 def train_child(config: str, steps: int, warmup: int, seed: int = 0, fwd_split: bool = True,
-                peak_reps: int = 5, workers: int = 0) -> dict:
+                peak_reps: int = 5, workers: int = 0, reuse_memory: bool = True) -> dict:
     """Runs in a child process: warm-up, then `steps` timed steps. Times in ms."""
     cfg = common.config_by_name(config)
-    step = Step(cfg, seed, workers)
+    step = Step(cfg, seed, workers, reuse_memory)
     rec = {k: [] for k in ("step", "fwdbwd", "fwd", "clip", "adamw", "opt", "cpu")}
     losses = []
     gc.collect()
@@ -109,7 +113,8 @@ def train_child(config: str, steps: int, warmup: int, seed: int = 0, fwd_split: 
             rec["clip"].append(clip_s * 1e3)
             rec["adamw"].append(adamw_s * 1e3)
             rec["opt"].append((t2 - t1) * 1e3)
-    out = {"config": config, "side": "tinygen", "workers": step.workers.n, "losses": losses, "samples_ms": rec,
+    out = {"config": config, "side": "tinygen", "workers": step.workers.n, "reuse_memory": reuse_memory,
+           "losses": losses, "samples_ms": rec,
            "peak_rss_mib": common.peak_rss_mib()}  # recorded before the matmul probe below
     step.workers.close()
     out.update({k + "_ms": common.median(v) for k, v in rec.items()})
@@ -148,10 +153,10 @@ def profile_child(config: str, steps: int, warmup: int, seed: int = 0, top: int 
 
 
 # ---------------------------------------------------------------- parent
-def summarize(cfg_name: str, runs: list) -> dict:
+def summarize(cfg_name: str, runs: list, malloc: str = "reuse") -> dict:
     """Median over processes of each per-process median, plus derived rates."""
     cfg = common.config_by_name(cfg_name)
-    s = {"config": cfg_name, "dtype": cfg["dtype"], "processes": len(runs)}
+    s = {"config": cfg_name, "dtype": cfg["dtype"], "malloc": malloc, "processes": len(runs)}
     for k in ("step", "fwdbwd", "fwd", "clip", "adamw", "opt", "cpu"):
         s[k + "_ms"] = common.median([r[k + "_ms"] for r in runs])
     s["bwd_ms"] = s["fwdbwd_ms"] - s["fwd_ms"] if s["fwd_ms"] is not None else None
@@ -174,7 +179,8 @@ def table(summaries) -> str:
     rows = []
     for s in summaries:
         rows.append([
-            s["config"] + ("" if s["dtype"] == "float32" else f" ({s['dtype']})"),
+            s["config"] + ("" if s["dtype"] == "float32" else f" ({s['dtype']})")
+            + ("" if s["malloc"] == "reuse" else f" (malloc {s['malloc']})"),
             common.fmt(s["step_ms"]), common.pct(s["step_spread"]),
             common.fmt(s["fwdbwd_ms"]), common.fmt(s["fwd_ms"]), common.fmt(s["bwd_ms"]),
             common.fmt(s["clip_ms"], ".2f"), common.fmt(s["adamw_ms"], ".2f"), common.fmt(s["opt_ms"], ".2f"),
@@ -194,6 +200,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="pin BLAS threads (default: as-is)")
     p.add_argument("--workers", type=int, default=0,
                    help="threads running batch shards, as `tinygen pretrain --workers` (default 0: one per core)")
+    p.add_argument("--malloc", choices=["reuse", "default", "both"], default="reuse",
+                   help="reuse: call reuse_freed_memory first, as the tinygen command does (default); default: "
+                   "glibc's own settings, as a library caller gets unless it opts in; both: each config both ways")
     p.add_argument("--no-fwd-split", action="store_true", help="skip the extra forward-only calls")
     p.add_argument("--profile", action="store_true", help="cProfile a few steps per config instead of timing")
     p.add_argument("--top", type=int, default=25, help="rows of the --profile listing")
@@ -213,17 +222,18 @@ def main(argv=None):
             print(r["text"].rstrip() + "\n")
         return
 
-    runs = {n: [] for n in names}
+    mallocs = ["reuse", "default"] if a.malloc == "both" else [a.malloc]
+    runs = {(n, m): [] for n in names for m in mallocs}
     for rnd in range(a.rounds):
-        for n in names:  # interleaved: S M S M ...
+        for n, m in runs:  # interleaved: S M S M ...
             steps = a.steps or common.DEFAULT_STEPS[n]
             warmup = common.DEFAULT_WARMUP[n] if a.warmup is None else a.warmup
-            common.progress(f"round {rnd + 1}/{a.rounds}: {n} ({warmup} warm-up + {steps} timed steps) ...")
-            runs[n].append(common.run_in_subprocess(
+            common.progress(f"round {rnd + 1}/{a.rounds}: {n}, malloc {m} ({warmup} warm-up + {steps} timed steps) ...")
+            runs[n, m].append(common.run_in_subprocess(
                 "bench_train:train_child",
                 dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split,
-                     workers=a.workers), env))
-    summaries = [summarize(n, runs[n]) for n in names]
+                     workers=a.workers, reuse_memory=m == "reuse"), env))
+    summaries = [summarize(n, runs[n, m], m) for n, m in runs]
     title = (f"tinygen training step (fwd+bwd = train.accumulate_grads over the worker threads; opt = clip + AdamW), "
              f"medians over {a.rounds} interleaved processes per config; MFU vs numpy matmul peak of the same dtype; "
              f"1-min load average before the run: {machine['loadavg_1min']:.2f}")

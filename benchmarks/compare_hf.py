@@ -41,7 +41,7 @@ def prompt_ids(cfg, length=PROMPT_LEN, seed=0):
 
 def tinygen_child(config: str, reps: int, threads: int) -> dict:
     """tokens/s of tinygen.sampling.generate, greedy, cache on: median of `reps` calls."""
-    from tinygen.model import GPT
+    from tinygen.gpt import GPT
     from tinygen.sampling import generate
 
     cfg = DECODE_CONFIGS[config]
@@ -62,7 +62,7 @@ def hf_child(config: str, reps: int, threads: int) -> dict:
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
-    from tinygen.model import GPT
+    from tinygen.gpt import GPT
 
     logging.set_verbosity_error()
     torch.set_num_threads(threads)

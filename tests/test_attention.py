@@ -154,6 +154,7 @@ def test_attention_dropout_is_seeded():
     y2, c2 = causal_attention_forward(qkv, 2, 0.5, np.random.default_rng(3))
     np.testing.assert_array_equal(y1, y2)
     assert c1.mask is not None and c1.mask.shape == (2, 2, 4, 4)
+    np.testing.assert_array_equal(c1.mask, c2.mask)
     y0, c0 = causal_attention_forward(qkv, 2, 0.5, None)  # no rng: evaluation
     assert c0.mask is None and not np.array_equal(y0, y1)
 

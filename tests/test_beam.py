@@ -6,7 +6,7 @@ import pytest
 
 from tinygen.beam import beam_search, log_softmax
 from tinygen.config import GPTConfig
-from tinygen.model import GPT
+from tinygen.gpt import GPT
 from tinygen.sampling import generate
 
 

@@ -1,5 +1,6 @@
 """The bug catalogue: injection and restoration, which check catches each bug, the command,
 tinygen.testing's mutation-testing context manager, and docs/bugs.md (produced by these reports)."""
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -10,11 +11,17 @@ import pytest
 import tinygen.attention
 import tinygen.layers
 import tinygen.model
+import tinygen.parts
 from tinygen import GPT
 from tinygen.bug_checks import CONFIG, bug_report, run_checks
 from tinygen.bugs import BUGS, get, inject
 from tinygen.cli import main
 from tinygen.errors import TinygenError
+from tinygen.finetuning.adapters import ADAPTER, init_adapters
+from tinygen.finetuning.lora import LoraSpec, init_lora, lora_linear
+from tinygen.finetuning.prompt_tuning import init_prompt, prompt_embed
+from tinygen.model import init_params
+from tinygen.parts import GPT2
 from tinygen.testing import inject_bug
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bugs.md"
@@ -74,16 +81,57 @@ def test_named_rows(reports):
 
 def test_injection_is_undone_even_on_error():
     before = (tinygen.layers.softmax, tinygen.attention.softmax, tinygen.model.gpt_backward,
-              tinygen.layers.gelu_forward, tinygen.model.gelu_forward, tinygen.attention.causal_mask)
+              tinygen.layers.gelu_forward, tinygen.parts.gelu_forward, tinygen.attention.causal_mask)
     with pytest.raises(RuntimeError):
         with inject("softmax-no-max", "gelu-erf", "causal-mask-off", "wpe-grad-mean"):
             assert tinygen.attention.softmax is tinygen.layers.softmax is not before[0]
-            assert tinygen.model.gelu_forward is tinygen.layers.gelu_forward is not before[3]
+            assert tinygen.parts.gelu_forward is tinygen.layers.gelu_forward is not before[3]
             raise RuntimeError("boom")
     assert (tinygen.layers.softmax, tinygen.attention.softmax, tinygen.model.gpt_backward,
-            tinygen.layers.gelu_forward, tinygen.model.gelu_forward, tinygen.attention.causal_mask) == before
+            tinygen.layers.gelu_forward, tinygen.parts.gelu_forward, tinygen.attention.causal_mask) == before
     with pytest.raises(TinygenError, match="no bug called 'nope'"):
         get("nope")
+
+
+def finetuned(config):
+    """A model carrying LoRA, adapters and prompt tuning at once, their zero halves made nonzero."""
+    rng = np.random.default_rng(1)
+    params = init_params(config, rng)
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("c_attn", "c_proj", "c_fc"))
+    params.update(init_lora(params, spec, rng))
+    params.update(init_adapters(config.n_layer, config.n_embd, 3, rng, np.float64))
+    params.update(init_prompt(params["wte.weight"], 2, rng))
+    for k in params:
+        if k.endswith(("lora_B", "up.weight", "up.bias")):
+            params[k] = params[k] + rng.normal(0, 0.3, params[k].shape)
+    parts = GPT2._replace(linear=lora_linear(spec, GPT2.linear), branch=ADAPTER, embed=prompt_embed(GPT2.embed))
+    return GPT(config, params=params, parts=parts)
+
+
+# every bug in the model's forward or backward (softmax-no-max changes float64 results by rounding
+# only, adam-no-bias-correction lives in the optimizer)
+MODEL_PATH_BUGS = [b.name for b in BUGS if b.name not in ("softmax-no-max", "adam-no-bias-correction")]
+
+
+@pytest.mark.parametrize("which", ["plain", "LoRA + adapters + prompt"])
+def test_every_model_path_bug_reaches_the_parts_the_model_calls(which):
+    """The parts (tinygen.parts, the fine-tuning methods' parts) call what the bug replaced: under
+    each bug, loss_and_grads (with dropout) of the plain model and of a model with every method differ."""
+    config = dataclasses.replace(CONFIG, n_layer=1, dropout=0.2)
+    model = GPT(config, seed=0) if which == "plain" else finetuned(config)
+    idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, 6))
+    idx[0, :3] = idx[1, 0]  # repeated ids
+
+    def run():
+        loss, grads = model.loss_and_grads(idx, np.roll(idx, -1, 1), rng=np.random.default_rng(5))
+        return np.concatenate([[loss]] + [grads[k].ravel() for k in sorted(grads)])
+
+    clean = run()
+    for name in MODEL_PATH_BUGS:
+        with inject(name):
+            buggy = run()
+        assert np.max(np.abs(buggy - clean)) > 1e-8, f"{name} does not reach the {which} model"
+    np.testing.assert_array_equal(run(), clean)
 
 
 def test_mutation_testing_with_tinygen_testing():
@@ -110,7 +158,7 @@ def test_cli_break_list_and_one_bug(capsys):
     assert main(["gradcheck", "--break", "dropout-no-rescale"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"property +dropout keeps the mean +CATCHES", out)
-    assert re.search(r"gradcheck +\d+ rows \(layers, whole model\) +misses", out)
+    assert re.search(r"gradcheck +\d+ rows \(layers, block, whole model\) +misses", out)
     assert main(["gradcheck", "--break", "nope"]) == 2
 
 

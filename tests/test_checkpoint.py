@@ -74,18 +74,20 @@ def test_roundtrip_is_exact_and_config_is_gpt2(tmp_path):
 
 def test_float64_model_roundtrips(tmp_path):
     model = tiny_model(config=dataclasses.replace(CONFIG, dtype="float64"))
-    save_model(model, tmp_path)
-    loaded = load_model(tmp_path)
-    assert loaded.config.dtype == "float64"
-    assert all(np.array_equal(loaded.params[k], v) for k, v in model.params.items())
+    save_model(tmp_path, model.config, model.params)
+    config, params = load_model(tmp_path)  # the checkpoint layer: config and params, no GPT
+    assert config == model.config and config.dtype == "float64"
+    assert all(np.array_equal(params[k], v) for k, v in model.params.items())
     assert load_model(tmp_path, dtype="float32").params["wte.weight"].dtype == np.float32
+    loaded = GPT.from_pretrained(tmp_path, dtype="float32")
+    assert loaded.config.dtype == "float32" and loaded.params["wte.weight"].dtype == np.float32
 
 
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_loads_transformers_style_checkpoints(tmp_path, prefix):
     model = tiny_model()
     hf_style(model, tmp_path, prefix=prefix)
-    loaded = load_model(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
     assert all(np.array_equal(loaded.params[k], v) for k, v in model.params.items())
     idx = np.array([[1, 2, 3, 4]])
     np.testing.assert_array_equal(loaded.forward(idx), model.forward(idx))
@@ -103,7 +105,7 @@ def test_float16_weights_are_converted(tmp_path):
 def test_bfloat16_weights_are_converted(tmp_path):
     model = tiny_model()
     os.makedirs(tmp_path, exist_ok=True)
-    save_model(model, tmp_path)
+    save_model(tmp_path, model.config, model.params)
     expected, tensors = {}, {}
     for k, v in model.params.items():
         top = (v.astype(np.float32).view(np.uint32) >> 16).astype("<u2")  # truncate to bfloat16
@@ -139,7 +141,7 @@ def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
 def test_directory_errors(tmp_path):
     with pytest.raises(TinygenError, match="no config.json"):
         load_model(tmp_path)
-    save_model(tiny_model(), tmp_path)
+    save_model(tmp_path, CONFIG, tiny_model().params)
     os.remove(tmp_path / "model.safetensors")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(TinygenError, match="pytorch_model.bin, which tinygen does not read"):
@@ -174,5 +176,5 @@ def test_transformers_loads_a_tinygen_checkpoint_and_back(tmp_path):
         theirs = hf(torch.from_numpy(idx)).logits.numpy()
     np.testing.assert_allclose(model.forward(idx), theirs, rtol=1e-4, atol=1e-5)
     hf.save_pretrained(tmp_path / "theirs")  # transformers' own layout back into tinygen
-    back = load_model(tmp_path / "theirs")
+    back = GPT.from_pretrained(tmp_path / "theirs")
     np.testing.assert_allclose(back.forward(idx), theirs, rtol=1e-4, atol=1e-5)

@@ -8,9 +8,9 @@ from hypothesis import given, strategies as st
 
 from tinygen import TinygenError
 from tinygen import data as data_mod
-from tinygen.data import (Document, RandomBatches, builtin_corpus, digest, encode_documents, fixed_batches,
-                          load_token_cache, random_windows, read_documents, split_documents, stdlib_sources,
-                          text_slice, token_cache, token_dtype)
+from tinygen.data import (DataConfig, Document, RandomBatches, builtin_corpus, digest, encode_documents,
+                          fixed_batches, load_token_cache, random_windows, read_documents, split_documents,
+                          stdlib_module, stdlib_sources, text_slice, token_cache, token_dtype)
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
 DOCS = [Document(f"doc{i}", f"def f{i}(x):\n    return x + {i}  # the number {i}\n" * (i + 1)) for i in range(12)]
@@ -37,6 +37,31 @@ def test_builtin_corpus_is_deterministic_and_capped():
     assert sum(len(d.text.encode()) for d in a) <= 200_000
     assert all(d.name.startswith(("stdlib/", "pydoc_data/topics/")) for d in a)
     assert len({d.name for d in a}) == len(a)
+
+
+def test_excluded_modules_leave_the_rest_of_the_capped_corpus_as_it_was():
+    whole = builtin_corpus(300_000)
+    modules = sorted({stdlib_module(d.name) for d in whole} - {None})[:3]
+    kept = builtin_corpus(300_000, exclude_modules=set(modules))
+    assert kept == [d for d in whole if stdlib_module(d.name) not in modules] and len(kept) < len(whole)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("corpus_bytes", 0, "DataConfig.corpus_bytes must be a positive integer, got 0"),
+    ("tokenizer_bytes", True, "DataConfig.tokenizer_bytes must be a positive integer, got True"),
+    ("val_fraction", 1.0, r"DataConfig.val_fraction must be a number in \(0, 1\), got 1.0"),
+    ("pattern", "", "DataConfig.pattern must be 'gpt2', 'gpt4' or a regex"),
+    ("exclude_modules", " ", "DataConfig.exclude_modules must be a non-empty string"),
+])
+def test_data_config_names_the_bad_field(field, value, message):
+    with pytest.raises(TinygenError, match=message):
+        DataConfig(**{field: value})
+
+
+def test_data_config_takes_numpy_integers_as_train_config_does():
+    config = DataConfig(corpus_bytes=np.int64(1000), tokenizer_bytes=np.int32(500), exclude_modules="json, ast")
+    assert config.corpus_bytes == 1000 and config.excluded == {"json", "ast"}
+    assert DataConfig().excluded == frozenset() and DataConfig(corpus_bytes=None).corpus_bytes is None
 
 
 def test_builtin_corpus_without_pydoc_data(monkeypatch):

@@ -1,11 +1,22 @@
-"""`tinygen demo` at tiny sizes: every stage runs and the report has the promised shape."""
+"""`tinygen demo` at tiny sizes: every stage runs, the report has the promised shape, and the
+pretraining directory it writes is a `tinygen pretrain` run that resumes and samples."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-from tinygen.demo import TINY, DemoConfig, pretraining_corpus, report_markdown
+import numpy as np
+import pytest
+
+from tinygen import TinygenError
+from tinygen.checkpoint import checkpoint_step, load_model
+from tinygen.cli import main
+from tinygen.data import stdlib_module
+from tinygen.demo import TINY, DemoConfig, pretrain_settings, pretrain_stage, report_markdown
 from tinygen.finetuning.tasks import heldout_modules
+from tinygen.plumbing.metrics import read_metrics
+from tinygen.pretrain import gather, pretrain, read_settings
 
 COLUMNS = {"pretrained_full", "pretrained_lora", "scratch_full", "few_shot"}
 
@@ -43,10 +54,53 @@ def test_tiny_demo_writes_report(tmp_path):
         assert (out / svg).read_text().startswith("<svg")
     for run in ("pretrained_full", "pretrained_lora", "scratch_full", "single_name"):
         assert os.path.isfile(out / run / "eval.json")
+    settings = read_settings(out / "pretrain")  # the demo's settings file is a pretraining run's
+    assert settings.command == "demo" and settings.train.max_steps == TINY["pretrain_steps"]
 
 
-def test_pretraining_corpus_leaves_out_held_out_modules():
+def test_pretraining_corpus_leaves_out_held_out_modules(tmp_path):
     held = heldout_modules()
-    docs = pretraining_corpus(DemoConfig(**{**TINY, "corpus_bytes": 2_000_000}))
-    tops = {d.name.split("/")[1].removesuffix(".py") for d in docs if d.name.startswith("stdlib/")}
+    settings = pretrain_settings(DemoConfig(**{**TINY, "corpus_bytes": 2_000_000}), str(tmp_path))
+    train_docs, val_docs = gather(settings, say=lambda message: None)
+    tops = {stdlib_module(d.name) for d in train_docs + val_docs} - {None}
     assert tops and not tops & held
+
+
+def test_demo_pretrain_directory_resumes_and_samples(tmp_path, capsys):
+    """The demo's pretraining stage writes a run directory that `tinygen pretrain --resume`
+    continues (reading back its train_config.json, tokenizer and token cache, not the corpus)
+    to the very weights of an uninterrupted run, and that `tinygen sample` loads."""
+    cfg = DemoConfig(**TINY)
+    run_dir = tmp_path / "pretrain"
+    first = pretrain_stage(cfg, str(tmp_path), progress=False)
+    n, k = cfg.pretrain_steps, 6
+    assert first.result.step == n and checkpoint_step(run_dir) == n
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run_dir), "--max-steps", str(n + k), "--samples", "1",
+                 "--sample-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "greedy samples:\n--- 'def'\ndef" in out and "bits/byte" in out
+    assert "tokenizer:" not in err  # the tokenizer and the token cache were reused
+    assert checkpoint_step(run_dir) == n + k and read_settings(run_dir).train.max_steps == n + k
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(range(n + k + 1))
+
+    settings = pretrain_settings(cfg, str(tmp_path))
+    straight = dataclasses.replace(settings, run_dir=str(tmp_path / "straight"),
+                                   train=dataclasses.replace(settings.train, max_steps=n + k))
+    pretrain(straight, progress=False, say=lambda message: None)
+    a, b = load_model(run_dir).params, load_model(tmp_path / "straight").params
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+
+    assert main(["sample", "--model", str(run_dir), "--prompt", "def", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+
+
+def test_demo_config_names_the_bad_field():
+    for field, value, message in [("pretrain_steps", 0, "DemoConfig.pretrain_steps must be a positive integer"),
+                                  ("single_task", "poetry", "DemoConfig.single_task must be one of"),
+                                  ("full_lr", 0.0, "DemoConfig.full_lr must be a positive number"),
+                                  ("train_examples", np.int64(0), "DemoConfig.train_examples"),
+                                  ("n_embd", 30, r"DemoConfig.n_embd \(30\) must be divisible by n_head")]:
+        with pytest.raises(TinygenError, match=message):
+            DemoConfig(**{field: value})
+    assert DemoConfig(train_examples=np.int64(5)).train_examples == 5

@@ -26,6 +26,7 @@ from tinygen.cli import main
 from tinygen.explain import load, page, softmax64, trace
 from tinygen.finetuning.finetune import FinetuneConfig, run as finetune
 from tinygen.finetuning.tasks import Example, write_jsonl
+from tinygen.parts import GPT2
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 10
@@ -127,6 +128,11 @@ def test_page_structure_on_every_run_kind(runs, kind):
     np.testing.assert_allclose(p.losses, want, rtol=1e-5)
     virtual = 3 if kind == "prompt" else 0
     assert (">v0<" in text) == bool(virtual)
+    # a run of a method with parts of its own is loaded with them, and the trace sees them
+    assert (model.parts != GPT2) == (kind in ("lora", "adapter", "prompt"))
+    tr = trace(model, ids)
+    assert tr.virtual == model.n_prefix == virtual
+    assert [a.shape for a in tr.attention] == [(H, virtual + len(ids), virtual + len(ids))] * L
     assert text.count('fill="rgb(40,90,200)"') > 0
     # self-contained: no script, no external reference of any kind
     assert "script" not in p.tags and "img" not in p.tags and "link" not in p.tags

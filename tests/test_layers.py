@@ -1,5 +1,7 @@
-"""Layers and loss: backward vs finite differences over drawn shapes, invariances,
-numerical care at extreme inputs, dtype discipline, dropout's seeded mask."""
+"""Layers and loss: the forward/backward contract over the shared table of layer pairs
+(dout and caches untouched, float32 kept), invariances, numerical care at extreme
+inputs, dropout's seeded mask. Gradients vs finite differences over drawn shapes:
+tests/test_gradient_check.py, over the same table."""
 import math
 
 import numpy as np
@@ -8,13 +10,14 @@ from hypothesis import example, given, strategies as st
 
 from tinygen.errors import TinygenError
 from tinygen.layers import (
-    dropout_backward, dropout_forward, dropout_mask, embedding_backward, embedding_forward,
-    gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
-    linear_forward, softmax,
+    dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_forward,
+    layernorm_backward, layernorm_forward, softmax,
 )
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
-from tinygen.gradient_check import THRESHOLD, check_layer
+from tinygen.gradient_check import THRESHOLD, check_layer, layer_cases
 from tinygen.testing import arrays, float_arrays
+
+CASES = [case.name for case in layer_cases(np.random.default_rng(0))]  # every pair of the shared table
 
 # B, T, C: batch 1..3, time 1..5 (T=1 and B=1 included), width 1..8
 dims = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 8))
@@ -26,37 +29,13 @@ def assert_checks(errors):
     assert errors and all(e < THRESHOLD for e in errors.values()), errors
 
 
-def layer_cases(B, T, C, rng, dtype=np.float64):
-    """[(name, forward, backward, args, kwargs)] for every layer pair at (B, T, C)."""
-    V = 5
-    x = rng.standard_normal((B, T, C))
-    ids = rng.integers(0, V, (B, T))
-    targets = rng.integers(0, V, (B, T))
-    targets.flat[0] = IGNORE  # one ignored position
-    spread = x + 3 * np.linspace(-1, 1, C)  # no nearly-constant rows: their layer norm is ill-conditioned in float32
-    cases = [
-        ("linear", linear_forward, linear_backward, [x, rng.standard_normal((C, 3)), rng.standard_normal(3)], {}),
-        ("embedding", embedding_forward, embedding_backward, [ids, rng.standard_normal((V, C))], {}),
-        ("layernorm", layernorm_forward, layernorm_backward, [spread, 1 + rng.standard_normal(C), rng.standard_normal(C)], {}),
-        ("gelu", gelu_forward, gelu_backward, [3 * x], {}),
-        ("dropout", dropout_forward, dropout_backward, [x], {"mask": dropout_mask(x.shape, 0.4, rng, dtype)}),
-        ("cross_entropy", cross_entropy_forward, cross_entropy_backward, [3 * rng.standard_normal((B, T, V)), targets], {}),
-    ]
-    cast = lambda a: a.astype(dtype) if a.dtype.kind == "f" else a  # noqa: E731
-    return [(n, f, b, [cast(a) for a in args], kw) for n, f, b, args, kw in cases]
+def upstream(out, rng):
+    """A random dout of out's shape; 1.0 for a scalar output (the loss)."""
+    return 1.0 if np.ndim(out) == 0 else rng.standard_normal(np.shape(out))
 
 
-# ------------------------------------------------- gradients vs finite differences
-@given(dims, seeds)
-@example((1, 1, 1), 0).via("T=1, B=1, C=1")
-@example((1, 1, 4), 1).via("T=1, B=1")
-@example((3, 5, 8), 2).via("largest")
-def test_every_layer_backward_matches_finite_differences(dims, seed):
-    B, T, C = dims
-    for name, fwd, bwd, args, kwargs in layer_cases(B, T, C, np.random.default_rng(seed)):
-        errors = check_layer(fwd, bwd, args, kwargs, max_coords=24, seed=seed)
-        assert all(e < THRESHOLD for e in errors.values()), (name, errors)
-
+# Every layer pair's gradients against finite differences, over drawn shapes, is the
+# shared table's test: tests/test_gradient_check.py. Here: the rest of the contract.
 
 @given(dims, seeds)
 def test_layernorm_backward_at_gpt2_init_scale(dims, seed):
@@ -86,39 +65,42 @@ def test_embedding_backward_gradcheck_all_one_id():
     assert_checks(check_layer(embedding_forward, embedding_backward, [ids, w]))
 
 
-def test_backward_leaves_dout_and_cache_unchanged():
+@pytest.mark.parametrize("name", CASES)
+def test_backward_leaves_dout_and_cache_unchanged(name):
+    """The contract of every pair in the table (layers.py's docstring): backward never
+    modifies dout or the cache."""
     rng = np.random.default_rng(0)
-    for name, fwd, bwd, args, kwargs in layer_cases(2, 3, 4, rng):
-        out, cache = fwd(*args, **kwargs)
-        dout = 1.0 if name == "cross_entropy" else rng.standard_normal(np.shape(out))
-        before = [np.copy(a) for a in cache if isinstance(a, np.ndarray)]
-        dout_before = np.copy(dout)
-        bwd(dout, cache)
-        np.testing.assert_array_equal(dout, dout_before, err_msg=name)
-        for a, b in zip([a for a in cache if isinstance(a, np.ndarray)], before):
-            np.testing.assert_array_equal(a, b, err_msg=name)
+    (case,) = [c for c in layer_cases(rng, 2, 3, 4) if c.name == name]
+    out, cache = case.forward(*case.args, **case.kwargs)
+    dout = upstream(out, rng)
+    before = [np.copy(a) for a in float_arrays(cache)]
+    dout_before = np.copy(dout)
+    case.backward(dout, cache)
+    np.testing.assert_array_equal(dout, dout_before, err_msg=name)
+    for a, b in zip(float_arrays(cache), before):
+        np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 # ----------------------------------------------------------------- both dtypes
+@pytest.mark.parametrize("name", CASES)
 @given(dims, seeds)
 @example((1, 1, 1), 0).via("T=1, B=1, C=1")
-def test_float32_layers_stay_float32_and_agree_with_float64(dims, seed):
-    """Outputs, caches and gradients of every layer stay float32 in float32 mode,
-    and the float32 backward agrees with the float64 one to float32 precision."""
+def test_float32_layers_stay_float32_and_agree_with_float64(name, dims, seed):
+    """Outputs, caches and gradients of every pair in the table stay float32 in float32
+    mode, and the float32 backward agrees with the float64 one to float32 precision."""
     B, T, C = dims
-    cases32 = layer_cases(B, T, C, np.random.default_rng(seed), np.float32)
-    cases64 = layer_cases(B, T, C, np.random.default_rng(seed), np.float64)
-    for (name, fwd, bwd, a32, kw32), (_, _, _, a64, kw64) in zip(cases32, cases64):
-        out32, cache32 = fwd(*a32, **kw32)
-        out64, cache64 = fwd(*a64, **kw64)
-        dout = 1.0 if name == "cross_entropy" else np.random.default_rng(seed).standard_normal(np.shape(out64))
-        grads32 = bwd(dout if np.isscalar(dout) else dout.astype(np.float32), cache32)
-        grads64 = bwd(dout, cache64)
-        for a in float_arrays(out32) + float_arrays(cache32) + float_arrays(grads32):
-            assert a.dtype == np.float32, (name, a.dtype)
-        np.testing.assert_allclose(out32, out64, rtol=1e-5, atol=1e-5, err_msg=name)
-        for g32, g64 in zip(grads32, grads64):
-            np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-5 * (1 + np.abs(g64).max()), err_msg=name)
+    (c32,) = [c for c in layer_cases(np.random.default_rng(seed), B, T, C, np.float32) if c.name == name]
+    (c64,) = [c for c in layer_cases(np.random.default_rng(seed), B, T, C, np.float64) if c.name == name]
+    out32, cache32 = c32.forward(*c32.args, **c32.kwargs)
+    out64, cache64 = c64.forward(*c64.args, **c64.kwargs)
+    dout = upstream(out64, np.random.default_rng(seed))
+    grads32 = c32.backward(dout if np.isscalar(dout) else dout.astype(np.float32), cache32)
+    grads64 = c64.backward(dout, cache64)
+    for a in float_arrays(out32) + float_arrays(cache32) + float_arrays(grads32):
+        assert a.dtype == np.float32, (name, a.dtype)
+    np.testing.assert_allclose(out32, out64, rtol=1e-5, atol=1e-5, err_msg=name)
+    for g32, g64 in zip(grads32, grads64):
+        np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-5 * (1 + np.abs(g64).max()), err_msg=name)
 
 
 def test_softmax_keeps_float32():
@@ -210,7 +192,7 @@ def test_dropout_p0_and_no_rng_are_identity():
     out, cache = dropout_forward(x, 0.5, None)  # evaluation: no rng, no dropout
     assert out is x and cache.mask is None
     dout = np.ones_like(x)
-    np.testing.assert_array_equal(dropout_backward(dout, cache)[0], dout)
+    assert dropout_backward(dout, cache)[0] is dout  # the identity returns dout itself (layers.py's contract)
 
 
 # ------------------------------------------------------------ softmax and loss

@@ -169,6 +169,58 @@ def test_accumulating_into_opt_grads_equals_passing_a_dict():
         np.testing.assert_allclose(p1[n], p2[n], rtol=1e-13, err_msg=n)
 
 
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_sum_grads_sums_shard_dicts_by_ranges_into_the_buffer(n_workers):
+    """sum_grads overwrites, then accumulates; any thread count gives the bits of a plain
+    left-to-right sum; clip_grads / grad_norm act on that buffer; step() applies it."""
+    from tinygen.plumbing.parallel import Workers
+
+    rng = np.random.default_rng(11)
+    params = make_params(rng, np.float32)
+    trainable = [n for n in params if n != "wpe.weight"]
+    first, second = [make_grads(rng, params) for _ in range(3)], [make_grads(rng, params) for _ in range(2)]
+    with Workers(n_workers) as workers:
+        opt = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, trainable=trainable, workers=workers)
+        opt.grad_buffer.fill(np.nan)  # overwritten, not added to
+        opt.sum_grads(first)
+        opt.sum_grads(second, accumulate=True)
+        for n in trainable:
+            want = first[0][n] + first[1][n] + first[2][n]  # the same order of float32 additions
+            want = want + second[0][n] + second[1][n]
+            assert np.array_equal(opt.grads[n], want), n
+        norm = opt.grad_norm()
+        assert norm == pytest.approx(global_norm({n: opt.grads[n] for n in trainable}), rel=1e-12)
+        assert opt.clip_grads(norm / 2) == norm and opt.grad_norm() == pytest.approx(norm / 2, rel=1e-5)
+        clipped = {n: opt.grads[n].copy() for n in trainable}
+        opt.step(lr=1e-2)
+    reference = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, trainable=trainable)
+    reference.step(clipped)
+    assert np.array_equal(opt.flat.buffer, reference.flat.buffer)
+
+
+def test_sum_grads_names_a_missing_or_mismatched_gradient():
+    rng = np.random.default_rng(12)
+    params = make_params(rng, np.float32)
+    opt = AdamW(params, lr=1e-2)
+    grads = make_grads(rng, params)
+    with pytest.raises(TinygenError, match="at least one"):
+        opt.sum_grads([])
+    with pytest.raises(TinygenError, match=r"gradient of 'ln_f.bias' is nothing"):
+        opt.sum_grads([{n: g for n, g in grads.items() if n != "ln_f.bias"}])
+    with pytest.raises(TinygenError, match=r"'wte.weight' is float64\[7, 4\], expected float32\[7, 4\]"):
+        opt.sum_grads([{**grads, "wte.weight": grads["wte.weight"].astype(np.float64)}])
+
+
+def test_adamw_names_a_bad_hyperparameter():
+    params = make_params(np.random.default_rng(0))
+    for kwargs, message in [(dict(lr=-1.0), "AdamW lr"),
+                            (dict(betas=(1.0, 0.9)), r"AdamW beta1 must be a number in \[0, 1\)"),
+                            (dict(eps=0.0), "AdamW eps must be a positive number"),
+                            (dict(weight_decay=float("nan")), "AdamW weight_decay")]:
+        with pytest.raises(TinygenError, match=message):
+            AdamW(params, **{"lr": 1e-3, **kwargs})
+
+
 def test_state_dict_roundtrip_continues_identically():
     rng = np.random.default_rng(7)
     params = make_params(rng, np.float32)
@@ -288,7 +340,11 @@ def test_schedule_edge_cases_and_errors():
     assert lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=4) == 1.0  # no warm-up
     assert lr_at(5, lr=1.0, min_lr=0.1, warmup_steps=5, max_steps=5) == 0.1  # no decay phase
     assert lr_at(3, lr=1.0, min_lr=1.0, warmup_steps=0, max_steps=9) == 1.0  # constant
-    for bad in [dict(step=-1), dict(warmup_steps=200), dict(min_lr=1.0), dict(step=1.5)]:
+    for bad, message in [(dict(step=-1), "lr_at step must be an integer >= 0, got -1"),
+                         (dict(warmup_steps=200), "warmup_steps"), (dict(min_lr=1.0), "min_lr"),
+                         (dict(step=1.5), "lr_at step must be an integer >= 0, got 1.5"),
+                         (dict(max_steps=True), "lr_at max_steps must be an integer >= 0, got True")]:
         kwargs = {**SCHEDULE, "step": 0, **bad}
-        with pytest.raises(TinygenError):
+        with pytest.raises(TinygenError, match=message):
             lr_at(kwargs.pop("step"), **kwargs)
+    assert lr_at(np.int64(5), **SCHEDULE) == lr_at(5, **SCHEDULE)  # NumPy integers are integers

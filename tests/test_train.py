@@ -17,7 +17,8 @@ from tinygen.checkpoint import checkpoint_step, load_model, load_train_state
 from tinygen.cli import main
 from tinygen.data import RandomBatches, fixed_batches
 from tinygen.plumbing.metrics import read_metrics
-from tinygen.train import HELP, PRESETS, TrainConfig, TrainingDiverged, train
+from tinygen.pretrain import PRESETS
+from tinygen.train import TrainConfig, TrainingDiverged, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = "import sys\nfrom tinygen.cli import main\nsys.exit(main(sys.argv[1:]))"
@@ -62,29 +63,40 @@ def same_weights(a, b):
 
 # ------------------------------------------------------------------ TrainConfig
 @pytest.mark.parametrize("field, value, message", [
-    ("n_layer", 0, "TrainConfig.n_layer must be a positive integer"),
-    ("max_steps", -1, "TrainConfig.max_steps must be a non-negative integer"),
-    ("lr", float("nan"), "TrainConfig.lr must be a non-negative number"),
+    ("n_layer", 0, "TrainConfig.n_layer must be a positive integer, got 0"),
+    ("max_steps", -1, "TrainConfig.max_steps must be an integer >= 0, got -1"),
+    ("lr", float("nan"), r"TrainConfig.lr must be a number in \[0, inf\], got nan"),
     ("min_lr", 1.0, r"TrainConfig.min_lr \(1.0\) must not exceed lr"),
     ("warmup_steps", -1, "TrainConfig.warmup_steps"),
-    ("beta2", 1.0, "TrainConfig.beta2 must be below 1"),
+    ("lr_decay_steps", 2.5, "TrainConfig.lr_decay_steps must be an integer >= 0"),
+    ("beta2", 1.0, r"TrainConfig.beta2 must be a number in \[0, 1\), got 1.0"),
+    ("dropout", 1.0, r"TrainConfig.dropout must be a number in \[0, 1\)"),
     ("n_embd", 30, r"TrainConfig.n_embd \(30\) must be divisible by n_head"),
-    ("dtype", "float16", "TrainConfig.dtype"),
+    ("dtype", "float16", "TrainConfig.dtype must be one of 'float32', 'float64'"),
     ("batch_size", True, "TrainConfig.batch_size"),
+    ("workers", np.int64(-1), "TrainConfig.workers"),
 ])
 def test_train_config_names_the_bad_field(field, value, message):
     with pytest.raises(TinygenError, match=message):
         TrainConfig(**{field: value})
 
 
-def test_presets_are_valid_and_documented():
+def test_train_config_takes_numpy_integers_and_dataclasses_replace():
+    config = TrainConfig(max_steps=np.int64(10), batch_size=np.int32(4))
+    assert dataclasses.replace(config, max_steps=20).max_steps == 20 and config.max_steps == 10
+    with pytest.raises(TinygenError, match="TrainConfig.max_steps"):
+        dataclasses.replace(config, max_steps=-1)  # replace validates too
+
+
+def test_presets_are_valid_and_every_field_explains_itself():
     from tinygen.data import DataConfig
 
     for name, overrides in PRESETS.items():
         train_keys = TrainConfig.__dataclass_fields__.keys()
         TrainConfig(**{k: v for k, v in overrides.items() if k in train_keys})
         DataConfig(**{k: v for k, v in overrides.items() if k not in train_keys})
-    assert set(HELP) == set(TrainConfig.__dataclass_fields__)
+    for cls in (TrainConfig, DataConfig):
+        assert all(f.metadata["help"] and f.metadata["check"] for f in dataclasses.fields(cls)), cls
 
 
 def test_help_explains_every_flag(cli, capsys):
@@ -92,8 +104,40 @@ def test_help_explains_every_flag(cli, capsys):
         cli("pretrain", "--help")
     text = capsys.readouterr().out
     for flag in ["--preset", "--data", "--out", "--resume", "--max-steps", "--seed", "--vocab-size", "--n-layer",
-                 "--batch-size", "--lr", "--warmup-steps", "--encoding-errors", "--corpus-bytes", "--tokenizer"]:
+                 "--batch-size", "--lr", "--warmup-steps", "--encoding-errors", "--corpus-bytes", "--tokenizer",
+                 "--exclude-modules"]:
         assert flag in text
+    assert "micro-batches summed into each optimizer step (default: 1)" in " ".join(text.split())  # the field's help
+
+
+# ------------------------------------------------------------------ the pipeline's settings
+def test_run_settings_round_trip_and_bad_files_are_named(tmp_path):
+    from tinygen.pretrain import RunSettings, new_settings, read_settings, resume_settings, start_run
+
+    settings = new_settings(tmp_path / "run", preset="tiny", overrides=dict(max_steps=np.int64(7), pattern="gpt2"),
+                            sources=[tmp_path])
+    assert settings.train.max_steps == 7 and settings.train.lr_decay_steps == 7 and settings.data.pattern == "gpt2"
+    assert settings.sources == (str(tmp_path),) and settings.preset == "tiny"
+    start_run(settings)
+    back = read_settings(tmp_path / "run")
+    assert back == settings and isinstance(back, RunSettings)
+    assert resume_settings(tmp_path / "run", max_steps=9, workers=1).train == dataclasses.replace(
+        settings.train, max_steps=9, workers=1)
+    with pytest.raises(TinygenError, match=r"only max_steps and workers can change \(got lr\)"):
+        resume_settings(tmp_path / "run", lr=0.1)
+    with pytest.raises(TinygenError, match="'colour' is not a TrainConfig or DataConfig field"):
+        new_settings(tmp_path / "x", overrides={"colour": "red"})
+    with pytest.raises(TinygenError, match="unknown preset 'huge'"):
+        new_settings(tmp_path / "x", preset="huge")
+    path = tmp_path / "run" / "train_config.json"
+    good = json.loads(path.read_text())
+    for change, message in [({"version": 99}, "settings version 99"), ({"format": "other"}, "not a tinygen run"),
+                            ({"train": {**good["train"], "n_layer": 0}}, "malformed settings: TrainConfig.n_layer"),
+                            ({"data": {**good["data"], "colour": 1}}, "malformed settings"),
+                            ({"encoding_errors": "ignore"}, "RunSettings.encoding_errors")]:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(TinygenError, match=message):
+            read_settings(tmp_path / "run")
 
 
 # ------------------------------------------------------------------ the loop

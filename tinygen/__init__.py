@@ -7,7 +7,8 @@
 from .config import GPTConfig
 from .errors import TinygenError
 from .plumbing.memory import reuse_freed_memory
-from .model import GPT, KVCache
+from .gpt import GPT
+from .model import KVCache
 from .gradient_check import check_layer, check_model, gradcheck
 from .plumbing.parallel import Workers
 from .tokenizer.tokenizer import Tokenizer

@@ -14,9 +14,11 @@ Three kinds of check look at tinygen from different sides:
 
 `run_checks()` runs all of them against tinygen as it is, which is how
 `tinygen gradcheck --break NAME` runs them with a bug injected
-(tinygen.bugs.inject). Every function of tinygen is looked up at call time
-(`layers.gelu_forward`, not a name imported once), so an injected bug is
-the one that runs. Shapes: B batch, T time, C width, H heads, D head width,
+(tinygen.bugs.inject). The gradient checks are `tinygen gradcheck`'s own
+table (tinygen.gradient_check.layer_cases and block_check), whose layer
+functions are module globals of tinygen.gradient_check read at each call,
+and everything else calls tinygen through module attributes, so an injected
+bug is the one that runs. Shapes: B batch, T time, C width, H heads, D head width,
 V vocabulary.
 """
 import math
@@ -24,10 +26,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import attention, layers, loss, model, optim
-from .bugs import get, inject
+from . import attention, layers, optim
+from .bugs import BUGS, get, inject
 from .config import GPTConfig
-from .gradient_check import THRESHOLD, check_layer, check_model
+from .gpt import GPT
+from .gradient_check import THRESHOLD, block_check, check_layer, check_model, layer_cases
 
 ORACLE_TOLERANCE = 1e-9  # float64 implementations of the same formulas agree to ~1e-14
 CONFIG = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
@@ -43,7 +46,7 @@ class Outcome(NamedTuple):
 def small_model(seed=0):
     """A small float64 GPT whose matrices are 10x GPT-2's init scale, so every term matters
     (at std 0.02 the attention is uniform and GELU nearly linear, and bugs hide)."""
-    m = model.GPT(CONFIG, seed=seed)
+    m = GPT(CONFIG, seed=seed)
     for name, p in m.params.items():
         if p.ndim == 2:
             p *= 10.0
@@ -61,27 +64,14 @@ def small_batch(seed=0, B=2):
 
 # ---------------------------------------------------------------- gradient checks
 def gradcheck_rows(seed=0, max_coords=16):
-    """[(row name, max rel error)] for each layer pair's inputs, a block and the whole model."""
+    """[(row name, max rel error)]: the rows of `tinygen gradcheck` (every layer pair of
+    tinygen.gradient_check.layer_cases, the transformer block), then the whole model."""
     rng = np.random.default_rng(seed)
-    B, T, C, V, H = 2, 5, 8, 7, 2
-    x = rng.standard_normal((B, T, C))
-    ids = rng.integers(0, V, (B, T))
-    ids[0, :2] = ids[1, 0]
-    targets = rng.integers(0, V, (B, T))
-    L, A = layers, attention
-    cases = [
-        ("linear", L.linear_forward, L.linear_backward, [x, rng.standard_normal((C, 3 * C)), rng.standard_normal(3 * C)], {}, "x w b"),
-        ("embedding", L.embedding_forward, L.embedding_backward, [ids, rng.standard_normal((V, C))], {}, "w"),
-        ("layernorm", L.layernorm_forward, L.layernorm_backward, [x, 1 + rng.standard_normal(C), rng.standard_normal(C)], {}, "x w b"),
-        ("gelu", L.gelu_forward, L.gelu_backward, [3 * x], {}, "x"),
-        ("dropout (fixed mask)", L.dropout_forward, L.dropout_backward, [x], {"mask": L.dropout_mask(x.shape, 0.3, rng, x.dtype)}, "x"),
-        ("causal attention", A.causal_attention_forward, A.causal_attention_backward, [rng.standard_normal((B, T, 3 * C))], {"n_head": H}, "qkv"),
-        ("cross-entropy", loss.cross_entropy_forward, loss.cross_entropy_backward, [3 * rng.standard_normal((B, T, V)), targets], {}, "logits"),
-    ]
     rows = []
-    for layer, forward, backward, args, kwargs, names in cases:
-        errors = check_layer(forward, backward, args, kwargs, names.split(), max_coords, seed)
-        rows += [(f"{layer}: {n}", e) for n, e in errors.items()]
+    for case in layer_cases(rng):
+        errors = check_layer(case.forward, case.backward, case.args, case.kwargs, case.names, max_coords, seed)
+        rows += [(f"{case.name}: {n}", e) for n, e in errors.items()]
+    rows += [(f"transformer block: {n}", e) for n, e in block_check(rng, max_coords=max_coords, seed=seed).items()]
     m = small_model(seed)
     idx, targets = small_batch(seed)
     errors = check_model(m, idx, targets, max_coords, seed)
@@ -102,7 +92,7 @@ def gradcheck_outcomes(seed=0, max_coords=16, shown=3):
             out.append(Outcome("gradcheck", f"{layer}: {len(bad) - shown} more tensors", True, f"max rel err {worst:.0e}"))
     passed = [err for _, err in rows if err < THRESHOLD]
     if passed:
-        label = f"{len(passed)} {'other ' if failing else ''}rows (layers, whole model)"
+        label = f"{len(passed)} {'other ' if failing else ''}rows (layers, block, whole model)"
         out.append(Outcome("gradcheck", label, False, f"pass (every error < {THRESHOLD:g})"))
     return out
 
@@ -286,8 +276,6 @@ def bug_report(name, seed=0, max_coords=16):
 
 def catalogue_text():
     """The `--break list` table: name and what is wrong."""
-    from .bugs import BUGS
-
     width = max(len(b.name) for b in BUGS)
     lines = [f"{b.name:<{width}}  {b.title}" for b in BUGS]
     return "\n".join(lines + ["", "tinygen gradcheck --break NAME injects one and runs every check against it."])

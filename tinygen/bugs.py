@@ -13,10 +13,14 @@ testing, re-exported as tinygen.testing.inject_bug):
 How a bug gets in. Each bug replaces a few functions, always as module
 attributes (layers.embedding_backward, attention.attend, model.gpt_backward,
 ...) or, for the optimizer, AdamW._update. A module that imported the same
-function by name (`from .layers import gelu_forward` in model.py) holds its
-own reference, so `_patch` replaces the function in every loaded tinygen
-module that holds that same object under that name, and puts every one back
-on exit. The replacements wrap the original where the bug is a change of
+function by name (`from .layers import gelu_forward` in parts.py, whose MLP
+part calls it) holds its own reference, so `inject` replaces the function in
+every loaded tinygen module that holds that same object under that name, and
+puts every one back on exit. That reaches every path a model runs: the
+parts (tinygen.parts, and the fine-tuning methods' parts in
+tinygen.finetuning) are tuples of module-level functions that look their
+layers up as module globals at each call, so a patched module attribute is
+the one they call, with no cost and no indirection added to tinygen itself. The replacements wrap the original where the bug is a change of
 its result (a missing factor, a dropped term) and rewrite it where the bug
 is in the middle of the computation; every one is written out below, next
 to the line a person would have written.

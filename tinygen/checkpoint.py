@@ -10,8 +10,9 @@
       loss.svg                 the loss curve
       data/                    token cache: train.npy, val.npy, tokens.json
 
-`save_model` / `load_model` read and write the first two (and back
-`GPT.save_pretrained` / `GPT.from_pretrained`). The loader also takes what
+`save_model` / `load_model` write and read the first two as a GPTConfig and
+a params dict (`GPT.save_pretrained` / `GPT.from_pretrained` call them; this
+module sits below tinygen.gpt and never builds a GPT). The loader also takes what
 `transformers` writes: keys with or without the `transformer.` prefix, the
 `attn.bias` / `attn.masked_bias` buffers (ignored), an `lm_head.weight`
 (must equal `wte.weight`: tinygen ties them), F16/BF16/F64 tensors
@@ -33,17 +34,10 @@ import numpy as np
 
 from .config import LAYER_NORM_EPS, GPTConfig
 from .errors import TinygenError
+from .model import param_shapes
 from .plumbing.fileio import atomic_write_json, read_json
+from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE  # noqa: F401
 from .plumbing.safetensors import load_file, load_metadata, save_file
-
-CONFIG = "config.json"
-MODEL = "model.safetensors"
-TOKENIZER = "tokenizer.json"
-TRAIN_CONFIG = "train_config.json"
-TRAIN_STATE = "train_state.safetensors"
-METRICS = "metrics.jsonl"
-LOSS_SVG = "loss.svg"
-DATA_DIR = "data"
 
 TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "tinygen-train-state", "1"
 HF_PREFIX = "transformer."
@@ -51,7 +45,14 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old H
 
 
 # ------------------------------------------------------------------ the model
-def save_model(model, directory) -> None:
+class Checkpoint(NamedTuple):
+    """What `load_model` returns."""
+
+    config: GPTConfig
+    params: dict  # name -> array, tinygen's names, the config's dtype
+
+
+def save_model(directory, config: GPTConfig, params: dict) -> None:
     """Write `directory`/config.json and model.safetensors (created if needed).
 
     The safetensors metadata {"format": "pt"} is what transformers expects;
@@ -60,17 +61,15 @@ def save_model(model, directory) -> None:
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    atomic_write_json(os.path.join(directory, CONFIG), model.config.to_hf())
-    save_file(dict(model.params), os.path.join(directory, MODEL), metadata={"format": "pt"})
+    atomic_write_json(os.path.join(directory, CONFIG), config.to_hf())
+    save_file(dict(params), os.path.join(directory, MODEL), metadata={"format": "pt"})
 
 
-def load_model(directory, dtype=None):
-    """A GPT from `directory` (config.json + model.safetensors), ours or transformers'.
+def load_model(directory, dtype=None) -> Checkpoint:
+    """(config, params) of `directory` (config.json + model.safetensors), ours or transformers'.
 
     dtype: "float32" / "float64" to override the dtype recorded in the config.
     """
-    from .model import GPT
-
     directory = os.fspath(directory)
     config = read_config(directory)
     if dtype is not None:
@@ -81,8 +80,7 @@ def load_model(directory, dtype=None):
         hint = (f"; found {others[0]}, which tinygen does not read (pickle or sharded); "
                 "download the single model.safetensors instead") if others else ""
         raise TinygenError(f"{directory}: no {MODEL}{hint}")
-    params = hf_params(load_file(path), config, path)
-    return GPT(config, params=params)
+    return Checkpoint(config, hf_params(load_file(path), config, path))
 
 
 def read_config(directory) -> GPTConfig:
@@ -108,8 +106,6 @@ def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
     {"transformer.h.0.attn.bias": ..., "transformer.wte.weight": (V, C) f16,
      "lm_head.weight": (V, C)} -> {"wte.weight": (V, C) float32, ...}
     """
-    from .model import param_shapes
-
     dtype = config.np_dtype
     params, head = {}, None
     for key, value in tensors.items():

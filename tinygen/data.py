@@ -20,15 +20,17 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .config import POSITIVE, number, optional, option, validate
 from .errors import TinygenError
 from .plumbing.fileio import atomic_open, atomic_write_json, read_json
+from .plumbing.rundir import TOKENS_INFO, TRAIN_TOKENS, VAL_TOKENS
+from .tokenizer.tokenizer import ENDOFTEXT
 
-ENDOFTEXT = "<|endoftext|>"  # = tinygen.tokenizer.ENDOFTEXT
 CACHE_FORMAT, CACHE_VERSION = "tinygen-token-cache", 1
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                  "encodings",  # codec tables: 80% hex literals
@@ -37,27 +39,42 @@ EXCLUDED_FILES = {"html/entities.py", "stringprep.py", "locale.py"}  # mostly ge
 STREAM_TRAIN, STREAM_DROPOUT, STREAM_VAL = 0, 1, 2  # the first words of default_rng([seed, stream, ...])
 
 
+SPLIT_FILES = {"train": TRAIN_TOKENS, "val": VAL_TOKENS}  # the token cache's arrays, by split
+
+
+def _text(value) -> Optional[str]:
+    """A check: a non-empty string."""
+    return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+def _pattern(value) -> Optional[str]:
+    """A check: a non-empty string (a pattern name or a regex; the tokenizer compiles it)."""
+    return None if isinstance(value, str) and value else "'gpt2', 'gpt4' or a regex"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How the corpus becomes training text; the pretraining command's data knobs."""
 
-    corpus_bytes: Optional[int] = 6_000_000
-    val_fraction: float = 0.05
-    tokenizer_bytes: Optional[int] = 2_000_000
-    pattern: str = "gpt4"
+    corpus_bytes: Optional[int] = option(
+        6_000_000, "cap on the built-in corpus, in bytes of UTF-8 (documents in a fixed shuffled order)",
+        optional(POSITIVE))
+    val_fraction: float = option(0.05, "share of documents held out for the validation loss",
+                                 number(0.0, 1.0, low_open=True, high_open=True))
+    tokenizer_bytes: Optional[int] = option(
+        2_000_000, "train the tokenizer on the first this many bytes of the training split", optional(POSITIVE))
+    pattern: str = option("gpt4", "the tokenizer's split regex: gpt2, gpt4 or a pattern of your own", _pattern)
+    exclude_modules: Optional[str] = option(
+        None, "standard-library modules to leave out of the built-in corpus, comma-separated "
+        "(the demo leaves out the modules its fine-tuning tasks are evaluated on)", optional(_text))
 
     def __post_init__(self):
-        for name in ("corpus_bytes", "tokenizer_bytes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise TinygenError(f"DataConfig.{name} must be a positive integer or None, got {value!r}")
-        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
-            raise TinygenError(f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.pattern, str) or not self.pattern:
-            raise TinygenError(f"DataConfig.pattern must be 'gpt2', 'gpt4' or a regex, got {self.pattern!r}")
+        validate(self)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def excluded(self) -> frozenset:
+        """exclude_modules as a set: "json, ast" -> {"json", "ast"}."""
+        return frozenset(m.strip() for m in (self.exclude_modules or "").split(",") if m.strip())
 
 
 class Document(NamedTuple):
@@ -95,13 +112,16 @@ def stdlib_sources(root=None) -> list:
     return sorted(paths)
 
 
-def builtin_corpus(max_bytes=None, notice=None) -> list:
+def builtin_corpus(max_bytes=None, notice=None, exclude_modules=()) -> list:
     """The built-in corpus: pydoc_data topics + standard-library sources, as Documents.
 
     Documents come in a fixed pseudo-random order (by a hash of the name), so a
     `max_bytes` cap takes a spread of modules, not the alphabetically first;
-    a document that would overflow the cap is skipped. `notice(message)` is
-    told when pydoc_data is missing (sources only, then).
+    a document that would overflow the cap is skipped. `exclude_modules`
+    (top-level names: {"json", "calendar"}) then drops those modules' sources:
+    the cap is applied first, so a corpus with exclusions is the one without
+    them minus those files. `notice(message)` is told when pydoc_data is
+    missing (sources only, then).
     """
     notice = notice or (lambda message: print(message, file=sys.stderr))
     candidates = []  # (name, size in bytes, loader)
@@ -123,12 +143,23 @@ def builtin_corpus(max_bytes=None, notice=None) -> list:
         if max_bytes is not None and total + size > max_bytes:
             continue
         text = load()
-        if text.strip():
+        if not text.strip():
+            continue
+        total += size
+        if stdlib_module(name) not in exclude_modules:
             docs.append(Document(name, text))
-            total += size
     if not docs:
         raise TinygenError(f"the built-in corpus is empty (corpus_bytes={max_bytes}); raise --corpus-bytes")
     return docs
+
+
+def stdlib_module(name: str) -> Optional[str]:
+    """The top-level module of a built-in corpus document, None for a pydoc topic.
+
+    >>> stdlib_module("stdlib/json/decoder.py"), stdlib_module("stdlib/calendar.py")
+    ('json', 'calendar')
+    """
+    return name.split("/")[1].removesuffix(".py") if name.startswith("stdlib/") else None
 
 
 def _read_source(path) -> str:
@@ -284,7 +315,7 @@ class TokenData(NamedTuple):
 
 def load_token_cache(data_dir, tokenizer=None) -> Optional[TokenData]:
     """The cached arrays, or None if absent or made with another tokenizer."""
-    path = os.path.join(data_dir, "tokens.json")
+    path = os.path.join(data_dir, TOKENS_INFO)
     if not os.path.isfile(path):
         return None
     info = read_json(path, what="token cache description")
@@ -293,7 +324,7 @@ def load_token_cache(data_dir, tokenizer=None) -> Optional[TokenData]:
     if tokenizer is not None and info.get("tokenizer_sha256") != tokenizer_digest(tokenizer):
         return None
     try:
-        arrays = [np.load(os.path.join(data_dir, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
+        arrays = [np.load(os.path.join(data_dir, SPLIT_FILES[split]), mmap_mode="r", allow_pickle=False)
                   for split in ("train", "val")]
     except (OSError, ValueError):
         return None  # a file missing or damaged: rebuild
@@ -322,12 +353,12 @@ def token_cache(data_dir, tokenizer, train_docs, val_docs, progress=None, extra=
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = encode_documents(tokenizer, docs, progress, done)
         done += sum(len(d.text) for d in docs)
-        with atomic_open(os.path.join(data_dir, f"{split}.npy"), "wb") as f:
+        with atomic_open(os.path.join(data_dir, SPLIT_FILES[split]), "wb") as f:
             np.save(f, ids, allow_pickle=False)
         info[f"{split}_tokens"] = int(ids.size)
         info[f"{split}_bytes"] = sum(map(_nbytes, docs))
         info[f"{split}_documents"] = len(docs)
-    atomic_write_json(os.path.join(data_dir, "tokens.json"), info)
+    atomic_write_json(os.path.join(data_dir, TOKENS_INFO), info)
     return load_token_cache(data_dir, tokenizer)
 
 
@@ -336,8 +367,9 @@ def random_windows(ids, batch_size: int, block_size: int, rng: np.random.Generat
     """B random windows of T+1 tokens -> (x, y), y is x shifted by one.
 
     ids (N,) -> x (B, T) int64, y (B, T) int64, with y[:, t] = x[:, t+1].
-    >>> random_windows(np.arange(10), 2, 3, np.random.default_rng(0))[0]   # doctest: +SKIP
-    array([[6, 7, 8], [4, 5, 6]])
+    >>> x, y = random_windows(np.arange(10), 2, 3, np.random.default_rng(0))
+    >>> x.shape, bool((y == x + 1).all())
+    ((2, 3), True)
     """
     n = ids.shape[0]
     if n < block_size + 1:

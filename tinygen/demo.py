@@ -1,8 +1,10 @@
 """`tinygen demo`: the whole pipeline on built-in data, and whether pretraining paid off.
 
-    1 tasks      the built-in ast tasks (tinygen.tasks), split by module
+    1 tasks      the built-in ast tasks (tinygen.finetuning.tasks), split by module
     2 tokenizer  BPE trained on standard-library sources
     3 pretrain   a GPT-2 on those sources, minus every held-out module
+                 (2 and 3 are tinygen.pretrain's pipeline, as `tinygen pretrain`
+                 runs it: OUT/pretrain resumes with `tinygen pretrain --resume`)
     4 fine-tune  multi-task, from the pretrained model (full and LoRA) and
                  from a random initialisation (full); single-task on one task
     5 evaluate   per task on the test split: loss and exact-match accuracy;
@@ -23,47 +25,58 @@ from typing import Optional
 
 import numpy as np
 
-from .data import Document, RandomBatches, builtin_corpus, fixed_batches, split_documents, text_slice, token_cache
+from .config import NON_NEGATIVE, POSITIVE, number, one_of, optional, option, validate
+from .data import DataConfig
+from .errors import TinygenError
 from .finetuning.evaluate import evaluate_tasks, few_shot_examples, greedy_complete
-from .plumbing.fileio import atomic_write_json, atomic_write_text
 from .finetuning.finetune import FinetuneConfig, run as finetune
-from .plumbing.metrics import read_metrics
-from .model import GPT
-from .plumbing.plot import loss_svg
-from .plumbing.progress import Progress, format_duration
 from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules
-from .tokenizer.tokenizer import ENDOFTEXT, Tokenizer
-from .train import TrainConfig, train
+from .gpt import GPT
+from .plumbing.fileio import atomic_write_json, atomic_write_text
+from .plumbing.metrics import read_metrics
+from .plumbing.plot import loss_svg
+from .plumbing.progress import format_duration
+from .plumbing.rundir import METRICS, TOKENIZER
+from .pretrain import RunSettings, pretrain
+from .train import TrainConfig
+
+# OUT/: the demo's own files; each run directory inside it has the files of tinygen.plumbing.rundir
+PRETRAIN_DIR, SCRATCH_DIR = "pretrain", "scratch-base"
+REPORT_JSON, REPORT_MD, FINETUNE_SVG = "report.json", "report.md", "finetune_loss.svg"
+LR = number(0.0, low_open=True)  # a learning rate: a positive number
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the demo; the defaults fit in 10 minutes on 2 cores."""
 
-    vocab_size: int = 1024
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    corpus_bytes: int = 8_000_000
-    tokenizer_bytes: int = 1_000_000
-    pretrain_steps: int = 1800
-    pretrain_batch: int = 16
-    pretrain_lr: float = 2e-3
-    finetune_steps: int = 250
-    finetune_batch: int = 16
-    full_lr: float = 1e-3
-    lora_lr: float = 3e-3
-    lora_rank: int = 8
-    single_task: str = "name"
-    few_shot_k: int = 2
-    eval_examples: int = 200  # test examples per task for the loss
-    accuracy_examples: int = 48  # of them, greedy-decoded for accuracy
-    train_examples: Optional[int] = None  # per task for fine-tuning (None: all)
-    seed: int = 0
+    vocab_size: int = option(1024, "size of the BPE vocabulary trained on the corpus", POSITIVE)
+    block_size: int = option(128, "context length T of the model", POSITIVE)
+    n_layer: int = option(4, "transformer blocks", POSITIVE)
+    n_head: int = option(4, "attention heads per block (must divide --n-embd)", POSITIVE)
+    n_embd: int = option(128, "width of the residual stream", POSITIVE)
+    corpus_bytes: int = option(8_000_000, "cap on the standard-library sources used for pretraining, in bytes",
+                               POSITIVE)
+    tokenizer_bytes: int = option(1_000_000, "bytes of the corpus the tokenizer trains on", POSITIVE)
+    pretrain_steps: int = option(1800, "pretraining steps", POSITIVE)
+    pretrain_batch: int = option(16, "sequences per pretraining step", POSITIVE)
+    pretrain_lr: float = option(2e-3, "peak learning rate of pretraining", LR)
+    finetune_steps: int = option(250, "steps of each fine-tuning run", POSITIVE)
+    finetune_batch: int = option(16, "examples per fine-tuning step", POSITIVE)
+    full_lr: float = option(1e-3, "peak learning rate of full fine-tuning", LR)
+    lora_lr: float = option(3e-3, "peak learning rate of LoRA fine-tuning", LR)
+    lora_rank: int = option(8, "rank r of the LoRA updates", POSITIVE)
+    single_task: str = option("name", "the task of the single-task run (compared with multi-task)", one_of(*TASKS))
+    few_shot_k: int = option(2, "solved examples in front of each few-shot prompt", NON_NEGATIVE)
+    eval_examples: int = option(200, "test examples per task for the loss", POSITIVE)
+    accuracy_examples: int = option(48, "test examples per task decoded for the accuracy", POSITIVE)
+    train_examples: Optional[int] = option(None, "fine-tuning examples per task (default: all)", optional(POSITIVE))
+    seed: int = option(0, "seed of the weights, the batches and the example subsets", NON_NEGATIVE)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        validate(self)
+        if self.n_embd % self.n_head:
+            raise TinygenError(f"DemoConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
 TINY = dict(vocab_size=300, block_size=96, n_layer=1, n_head=2, n_embd=32, corpus_bytes=150_000,
@@ -85,39 +98,27 @@ def subset(examples, n_per_task, seed) -> list:
     return out
 
 
-def pretraining_corpus(cfg: DemoConfig) -> list:
-    """Built-in corpus documents, without the standard-library modules held out for validation/test."""
-    held = heldout_modules()
-    docs = builtin_corpus(cfg.corpus_bytes, notice=say)
-    kept = [d for d in docs if not (d.name.startswith("stdlib/") and
-                                    d.name.split("/")[1].removesuffix(".py") in held)]
-    return kept or [Document("empty", "")]
+def pretrain_settings(cfg: DemoConfig, out: str) -> RunSettings:
+    """The demo's pretraining as a tinygen.pretrain run in OUT/pretrain: the built-in corpus
+    without the standard-library modules held out for validation/test, and the demo's sizes."""
+    steps = cfg.pretrain_steps
+    train = TrainConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, n_embd=cfg.n_embd, batch_size=cfg.pretrain_batch, max_steps=steps,
+                        lr=cfg.pretrain_lr, min_lr=cfg.pretrain_lr / 10, warmup_steps=min(50, steps),
+                        lr_decay_steps=steps, eval_interval=max(1, steps // 6), eval_batches=4,
+                        checkpoint_interval=steps, seed=cfg.seed)
+    data = DataConfig(corpus_bytes=cfg.corpus_bytes, tokenizer_bytes=cfg.tokenizer_bytes, val_fraction=0.05,
+                      exclude_modules=",".join(sorted(heldout_modules())))
+    return RunSettings(run_dir=os.path.join(out, PRETRAIN_DIR), train=train, data=data, command="demo")
 
 
-def pretrain(cfg: DemoConfig, out: str, progress: bool) -> tuple:
-    """Tokenizer + GPT pretraining into OUT/pretrain; returns (tokenizer, run_dir, seconds per stage)."""
-    run_dir = os.path.join(out, "pretrain")
-    os.makedirs(run_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    train_docs, val_docs = split_documents(pretraining_corpus(cfg), 0.05)
-    say(f"[2/6] tokenizer: BPE to {cfg.vocab_size} tokens on {cfg.tokenizer_bytes:,} bytes of code")
-    tok = Tokenizer.train(text_slice(train_docs, cfg.tokenizer_bytes), cfg.vocab_size, special_tokens=[ENDOFTEXT])
-    tok.save(os.path.join(run_dir, "tokenizer.json"))
-    tokens = token_cache(os.path.join(run_dir, "data"), tok, train_docs, val_docs)
-    t1 = time.perf_counter()
-    tc = TrainConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, batch_size=cfg.pretrain_batch, max_steps=cfg.pretrain_steps,
-                     lr=cfg.pretrain_lr, min_lr=cfg.pretrain_lr / 10, warmup_steps=min(50, cfg.pretrain_steps),
-                     eval_interval=max(1, cfg.pretrain_steps // 6), eval_batches=4,
-                     checkpoint_interval=cfg.pretrain_steps, seed=cfg.seed)
-    atomic_write_json(os.path.join(run_dir, "train_config.json"), {"demo": cfg.to_dict(), "train": tc.to_dict()})
-    model = GPT(tc.model_config(tok.vocab_size), seed=cfg.seed)
-    say(f"[3/6] pretrain: {model.num_params / 1e6:.2f}M parameters, {tokens.train.size:,} tokens, "
-        f"{tc.max_steps} steps of {tc.tokens_per_step:,} tokens")
-    batches = RandomBatches(tokens.train, tc.batch_size, tc.block_size, tc.seed)
-    val = fixed_batches(tokens.val, tc.eval_batches, tc.batch_size, tc.block_size, tc.seed)
-    train(model, batches, tc, run_dir, val_batches=val, progress=None if progress else False, log=say)
-    return tok, run_dir, {"tokenizer_s": t1 - t0, "pretrain_s": time.perf_counter() - t1}
+def pretrain_stage(cfg: DemoConfig, out: str, progress: bool):
+    """Tokenizer + GPT pretraining into OUT/pretrain (tinygen.pretrain.pretrain, starting over);
+    returns what it returns."""
+    settings = pretrain_settings(cfg, out)
+    say(f"[2-3/6] tokenizer and pretraining (tinygen.pretrain) into {settings.run_dir}: "
+        f"BPE to {cfg.vocab_size} tokens, then {settings.train.max_steps} steps")
+    return pretrain(settings, overwrite=True, progress=progress, say=say)
 
 
 def finetune_runs(cfg: DemoConfig, out, tok, base_dir, scratch_dir, splits, progress) -> dict:
@@ -154,11 +155,13 @@ def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> di
     train_split = splits["train"] if cfg.train_examples is None else subset(splits["train"], cfg.train_examples, cfg.seed)
     splits = {"train": train_split, "val": subset(splits["val"], 64, cfg.seed),
               "test": subset(splits["test"], cfg.eval_examples, cfg.seed)}
-    tok, base_dir, times = pretrain(cfg, out, progress)
-    scratch_dir = os.path.join(out, "scratch-base")
+    pretrained = pretrain_stage(cfg, out, progress)
+    tok, base_dir = pretrained.tokenizer, os.path.join(out, PRETRAIN_DIR)
+    times = {"tokenizer_s": pretrained.seconds["data_s"], "pretrain_s": pretrained.seconds["train_s"]}
+    scratch_dir = os.path.join(out, SCRATCH_DIR)
     base = GPT.from_pretrained(base_dir)
     GPT(base.config, seed=cfg.seed + 1).save_pretrained(scratch_dir)  # same shape, random weights
-    tok.save(os.path.join(scratch_dir, "tokenizer.json"))
+    tok.save(os.path.join(scratch_dir, TOKENIZER))
     t = time.perf_counter()
     runs = finetune_runs(cfg, out, tok, base_dir, scratch_dir, splits, progress)
     times["finetune_s"] = time.perf_counter() - t
@@ -171,7 +174,7 @@ def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> di
     report = build_report(cfg, runs, few, times, time.perf_counter() - t_start, examples)
     say("[6/6] report")
     write_report(out, report, runs)
-    say(f"done in {format_duration(report['elapsed_s'])}: {os.path.join(out, 'report.md')}")
+    say(f"done in {format_duration(report['elapsed_s'])}: {os.path.join(out, REPORT_MD)}")
     return report
 
 
@@ -196,7 +199,7 @@ def build_report(cfg, runs, few, times, elapsed, examples) -> dict:
     return {"tasks": tasks, "multi_task_vs_single": comparison, "pretrained_beats_scratch": beat,
             "elapsed_s": round(elapsed, 1), "stage_seconds": {k: round(v, 1) for k, v in times.items()},
             "run_seconds": {k: round(v["seconds"], 1) for k, v in runs.items()},
-            "config": cfg.to_dict(), "samples": [dict(zip(("task", "prompt", "reference", "generated"), s))
+            "config": asdict(cfg), "samples": [dict(zip(("task", "prompt", "reference", "generated"), s))
                                                  for s in examples]}
 
 
@@ -206,14 +209,14 @@ def _scores(table, task) -> dict:
 
 
 def write_report(out, report, runs) -> None:
-    atomic_write_json(os.path.join(out, "report.json"), report)
+    atomic_write_json(os.path.join(out, REPORT_JSON), report)
     series = {}
     for name, r in runs.items():
-        rows = read_metrics(os.path.join(out, name, "metrics.jsonl"))
+        rows = read_metrics(os.path.join(out, name, METRICS))
         series[name] = [(row["step"], row["val_loss"]) for row in rows if row.get("val_loss") is not None]
-    atomic_write_text(os.path.join(out, "finetune_loss.svg"),
+    atomic_write_text(os.path.join(out, FINETUNE_SVG),
                       loss_svg(series, "fine-tuning: validation loss (completion tokens)"))
-    atomic_write_text(os.path.join(out, "report.md"), report_markdown(report))
+    atomic_write_text(os.path.join(out, REPORT_MD), report_markdown(report))
 
 
 def report_markdown(report) -> str:

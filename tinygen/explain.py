@@ -30,8 +30,11 @@ import numpy as np
 
 from .attention import attention_probs
 from .errors import TinygenError
+from .finetuning.finetune import is_finetuned_run, load_run
+from .gpt import GPT
 from .model import gpt_forward
 from .plumbing.fileio import atomic_write_text
+from .tokenizer.tokenizer import Tokenizer
 
 
 class Trace(NamedTuple):
@@ -41,23 +44,25 @@ class Trace(NamedTuple):
 
 
 def trace(model, ids) -> Trace:
-    """Run the model on one sequence and collect what the page shows.
+    """Run the model (a tinygen.gpt.GPT, with whatever parts it carries) on one sequence and
+    collect what the page shows.
 
-    Reads cache.blocks[i].attn (an AttentionCache, through attention_probs) and
-    cache.prompt.n; the logit lens of layer l is the logits of the model cut
-    after its first l blocks (gpt_forward with n_layer = l), which is exactly
+    Reads each block's attention part cache, cache.blocks[i].attn, whose
+    .attn is the AttentionCache the probabilities come from (attention_probs),
+    and cache.extra, the virtual tokens the embed part put in front. The
+    logit lens of layer l is the logits of the model cut after its first l
+    blocks (gpt_forward with n_layer = l), which is exactly
     ln_f(residual after block l) @ wte^T.
     """
     idx = np.asarray(ids, dtype=np.int64)[None, :]  # (1, T)
-    logits, cache = gpt_forward(model.params, idx, model.config, lora=model.lora)
-    attention = [attention_probs(block.attn)[0].astype(np.float64) for block in cache.blocks]
+    logits, cache = gpt_forward(model.params, idx, model.config, model.parts)
+    attention = [attention_probs(block.attn.attn)[0].astype(np.float64) for block in cache.blocks]  # (H, n+T, n+T)
     lens = []
     for layer in range(1, model.config.n_layer):
         cut = dataclasses.replace(model.config, n_layer=layer)
-        lens.append(gpt_forward(model.params, idx, cut, lora=model.lora)[0][0])
+        lens.append(gpt_forward(model.params, idx, cut, model.parts)[0][0])  # (T, V)
     lens.append(logits[0])
-    virtual = cache.prompt.n if cache.prompt is not None else 0
-    return Trace(attention, [softmax64(z) for z in lens], virtual)
+    return Trace(attention, [softmax64(z) for z in lens], cache.extra)
 
 
 def softmax64(z):
@@ -67,12 +72,9 @@ def softmax64(z):
 
 
 def load(run_dir):
-    """(model, tokenizer) of any run directory: pretrained, fine-tuned, or a GPT-2 checkpoint."""
-    from .checkpoint import load_model
-    from .finetuning.finetune import is_finetuned_run, load_run
-    from .tokenizer.tokenizer import Tokenizer
-
-    model = load_run(run_dir) if is_finetuned_run(run_dir) else load_model(run_dir)
+    """(model, tokenizer) of any run directory: pretrained, fine-tuned (every method, through
+    finetuning.finetune.load_run), or a GPT-2 checkpoint."""
+    model = load_run(run_dir) if is_finetuned_run(run_dir) else GPT.from_pretrained(run_dir)
     return model, Tokenizer.load_dir(run_dir)
 
 
@@ -80,7 +82,7 @@ def encode_prompt(tokenizer, model, text):
     if not text:
         raise TinygenError("--prompt is empty: give the text to explain")
     ids = tokenizer.encode(text, allowed_special="all")
-    virtual = model.params["prompt.weight"].shape[0] if "prompt.weight" in model.params else 0
+    virtual = model.n_prefix  # positions the embed part puts in front (prompt tuning's virtual tokens)
     if len(ids) + virtual > model.config.block_size:
         raise TinygenError(f"--prompt is {len(ids)} tokens; the model sees at most {model.config.block_size - virtual}")
     if max(ids) >= model.config.vocab_size:

@@ -18,8 +18,9 @@ elementwise operations, for the single position `kv.length`:
 No mask is needed: the one query may see every cached key. The operations
 are the ones of tinygen.layers and tinygen.attention in the same order, so the
 logits equal GPT.forward's to float rounding (tests/test_sampling.py checks).
-Models with LoRA, adapters or prompt tuning (model.has_hooks) take
-GPT.forward(..., kv=) for the step instead.
+It knows the plain GPT-2 only: a model whose parts are not its config's
+own (LoRA, adapters, prompt tuning, any custom part) takes
+GPT.forward(..., kv=) for the step instead, which calls its parts.
 
 `Decoder` wraps the cache for generation and beam search: prefill, one step
 per token, the sliding window past block_size, and reordering rows for beams.
@@ -32,9 +33,10 @@ import numbers
 import numpy as np
 
 from .errors import TinygenError
-from .layers import GELU_A, GELU_K, LN_EPS
-from .model import KVCache, has_hooks
-from .finetuning.prompt_tuning import NAME as PROMPT
+from .config import LAYER_NORM_EPS
+from .layers import GELU_A, GELU_K
+from .model import KVCache
+from .parts import parts_for
 
 
 def _layernorm(x, w, b):
@@ -48,7 +50,7 @@ def _layernorm(x, w, b):
     xc = x - mean  # (B, C)
     var = np.add.reduce(xc * xc, axis=-1, keepdims=True)  # (B, 1)
     var /= C
-    var += LN_EPS
+    var += LAYER_NORM_EPS
     xc *= 1.0 / np.sqrt(var)
     xc *= w
     xc += b
@@ -153,13 +155,12 @@ class Decoder:
 
     def __init__(self, model, batch_size, use_cache=True, window_keep=None):
         self.model = model
-        params = model.params
-        # prompt tuning prepends n virtual tokens to every window: they use n positions
-        self.virtual = params[PROMPT].shape[0] if PROMPT in params else 0
+        # an embed part may prepend positions to every window (prompt tuning's virtual tokens)
+        self.virtual = model.n_prefix
         self.block = model.config.block_size - self.virtual  # real tokens a window may hold
         self.keep = check_window_keep(self.block, window_keep)
-        self.fast = not has_hooks(params)  # decode_step knows the plain model only
-        self.weights = layer_weights(params, model.config) if self.fast else None
+        self.fast = model.parts == parts_for(model.config)  # decode_step knows the plain parts only
+        self.weights = layer_weights(model.params, model.config) if self.fast else None
         self.kv = KVCache(model.config, batch_size) if use_cache else None
         self.start = 0  # first position the model sees
         self.first = True  # before the first call: the prompt must fit as it is
@@ -181,7 +182,7 @@ class Decoder:
         if self.kv.length == 0:
             return self.model.forward(ids[:, self.start:n], kv=self.kv)[:, -1]  # prefill the window
         assert self.kv.length == self.virtual + n - 1 - self.start, "next_logits: n must grow by one per call"
-        if not self.fast:  # LoRA, adapters, prompt tuning: the general path, one position
+        if not self.fast:  # other parts: the general path, one position
             return self.model.forward(ids[:, n - 1:n], kv=self.kv)[:, -1]
         return decode_step(self.model.params, self.model.config, ids[:, n - 1], self.kv, self.weights)
 

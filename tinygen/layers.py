@@ -2,9 +2,12 @@
 
 Contract (cs231n / llm.c style): `foo_forward(x, *weights) -> (out, cache)`
 and `foo_backward(dout, cache) -> (dx, *dweights)`, gradients in the order of
-the forward's arguments. Backward functions return fresh arrays and never
-modify `dout` or the cache. Attention lives in attention.py, the loss in
-loss.py; docs/layers.md derives every backward below.
+the forward's arguments. Backward functions never modify `dout` or the cache,
+and return arrays they allocated, with one exception: an identity (dropout
+without a mask) returns `dout` itself rather than a copy. So a caller adds
+into a returned gradient in place only when no identity can have produced it
+(the model's `+=` are on arrays it made). Attention lives in attention.py,
+the loss in loss.py; docs/layers.md derives every backward below.
 
 Shapes: B batch, T time, C width (n_embd), V vocabulary, N any output width.
 Scalars are Python floats, so a float32 array stays float32 (under NumPy 2's
@@ -15,7 +18,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+from .config import LAYER_NORM_EPS  # GPT-2's layer_norm_epsilon, 1e-5
+
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-GELU's inner scale, sqrt(2/pi)
 GELU_A = 0.044715  # tanh-GELU's cubic coefficient
 
@@ -84,7 +88,7 @@ class LayerNormCache(NamedTuple):
     w: np.ndarray  # (C,) gain
 
 
-def layernorm_forward(x, w, b, eps=LN_EPS):
+def layernorm_forward(x, w, b, eps=LAYER_NORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
 
     x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0
@@ -184,7 +188,7 @@ def dropout_forward(x, p=0.0, rng=None, mask=None):
 
 
 def dropout_backward(dout, cache):
-    """dx = dout * mask (the identity when there was no mask)."""
+    """dx = dout * mask; without a mask the identity, which returns `dout` itself (no copy)."""
     return (dout if cache.mask is None else dout * cache.mask,)
 
 

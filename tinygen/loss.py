@@ -20,7 +20,7 @@ IGNORE = -1
 
 class CrossEntropyCache(NamedTuple):
     probs: np.ndarray  # (B, T, V) softmax(logits)
-    targets: np.ndarray  # (B, T) target ids, IGNORE where not counted
+    targets: np.ndarray  # (B, T) target ids, 0 where not counted (any valid id: `counted` masks it out)
     counted: np.ndarray  # (B, T) bool, targets != IGNORE
     n: int  # number of counted positions
 

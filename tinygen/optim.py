@@ -22,10 +22,13 @@ Contract:
   parameters in place, `params[name][...] = value`; `step` raises if an
   entry was replaced by another array. Frozen parameters are left alone and
   get no optimizer state.
-- `step(grads, lr)` takes the already-accumulated gradients (gradient
-  accumulation is the training loop's job) as a dict with the parameters'
-  keys, shapes and dtype; `opt.grads` is a preallocated dict of views into a
-  flat gradient buffer that the loop may accumulate into directly.
+- The optimizer owns its buffers' layout; a training loop talks to it by
+  name: `sum_grads([grads, ...])` sums the shards' gradient dicts into the
+  flat gradient buffer (each worker thread one range of it), `clip_grads` /
+  `grad_norm` measure and clip that buffer, and `step(lr=...)` applies it.
+  `step(grads, lr)` also takes any dict with the parameters' keys, shapes
+  and dtype, copied in first; `opt.grads` is a dict of views into the
+  gradient buffer, for a loop that writes gradients in place.
 - Nothing is ever promoted: float32 parameters keep float32 moments.
 """
 import math
@@ -33,6 +36,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from .config import NON_NEGATIVE, number, require
 from .errors import TinygenError
 from .plumbing.parallel import ranges
 
@@ -159,7 +163,7 @@ class AdamW:
     Every element's update depends on that element alone, so the buffers are
     updated in cache-sized pieces of CHUNK elements (a whole-buffer op per
     line would stream all of p, g, m, v through memory ~15 times) and, given
-    `workers` (tinygen.parallel.Workers), in one contiguous range per
+    `workers` (tinygen.plumbing.parallel.Workers), in one contiguous range per
     thread. The result is the same bits either way.
 
     `trainable`: None (all), a predicate on the name, or a collection of names.
@@ -173,13 +177,11 @@ class AdamW:
                  decay: Callable[[str, np.ndarray], bool] = lambda name, p: p.ndim >= 2,
                  trainable=None, workers=None):
         beta1, beta2 = betas
-        for label, value, ok in [
-            ("lr", lr, lr >= 0), ("beta1", beta1, 0 <= beta1 < 1),
-            ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, eps > 0),
-            ("weight_decay", weight_decay, weight_decay >= 0),
-        ]:
-            if not ok:
-                raise TinygenError(f"AdamW {label} = {value!r} is out of range")
+        for label, value, check in [("lr", lr, number(0.0)), ("beta1", beta1, number(0.0, 1.0, high_open=True)),
+                                    ("beta2", beta2, number(0.0, 1.0, high_open=True)),
+                                    ("eps", eps, number(0.0, low_open=True)),
+                                    ("weight_decay", weight_decay, number(0.0))]:
+            require(f"AdamW {label}", value, check)
         self.params, self.lr, self.betas = params, float(lr), (float(beta1), float(beta2))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         is_trainable = _name_predicate(trainable, params)
@@ -208,19 +210,70 @@ class AdamW:
         """Zero `grads` (the views into `grad_buffer`) before accumulating a step."""
         self.grad_buffer.fill(0)
 
-    def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
+    def sum_grads(self, shard_grads: list, *, accumulate: bool = False) -> None:
+        """The gradient buffer (+)= the sum of the dicts in `shard_grads`.
+
+        Each dict holds a gradient per trainable name (its shape and dtype;
+        other names are ignored), e.g. one per batch shard. accumulate=False
+        overwrites the buffer (a step's first micro-batch), True adds to it
+        (the next ones). Each worker thread sums one contiguous range of the
+        buffer, for every parameter overlapping it the same range of each
+        dict's flattened array; every element gets the same additions in the
+        same order whatever the thread count, so the bits do not depend on it.
+        """
+        if not shard_grads:
+            raise TinygenError("sum_grads needs at least one dict of gradients")
+        for grads in shard_grads:
+            for name, shape in self.flat.shapes.items():
+                g = grads.get(name)
+                if g is None or g.shape != shape or g.dtype != self.flat.buffer.dtype:
+                    got = "nothing" if g is None else f"{g.dtype}{list(g.shape)}"
+                    raise TinygenError(f"sum_grads: the gradient of {name!r} is {got}, expected "
+                                       f"{self.flat.buffer.dtype}{list(shape)} like the parameter")
+
+        def add(span):
+            lo, hi = span
+            for name, (start, stop) in self.flat.slices.items():
+                a, b = max(lo, start), min(hi, stop)  # the part of this name inside [lo, hi)
+                if a >= b:
+                    continue
+                target = self.grad_buffer[a:b]
+                parts = [g[name].reshape(-1)[a - start:b - start] for g in shard_grads]
+                if accumulate:
+                    target += parts[0]
+                else:
+                    np.copyto(target, parts[0])
+                for part in parts[1:]:
+                    target += part
+
+        _map(self.workers, add, ranges(self.flat.size, self._threads))
+
+    def grad_norm(self) -> float:
+        """The global norm of the gradient buffer (`global_norm`), summed on the worker threads."""
+        return global_norm(self.grad_buffer, self.workers)
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Clip the gradient buffer in place to global norm `max_norm` (`clip_grad_norm`, on the
+        worker threads); returns the norm before clipping."""
+        return clip_grad_norm(self.grad_buffer, max_norm, self.workers)
+
+    def step(self, grads: Mapping[str, np.ndarray] | None = None, lr: float | None = None) -> None:
         """One AdamW update of every trainable parameter, in place.
 
-        `grads` is `self.grads` (accumulated in place) or any dict with the
-        trainable names, which is first copied into `grad_buffer`.
+        `grads`: None or `self.grads` for the gradient buffer as it stands
+        (summed by `sum_grads` or written through the `grads` views), or any
+        dict with the trainable names, which is first copied into it.
         """
         lr = self.lr if lr is None else float(lr)
         self._check_params_are_views()
-        if grads is not self.grads:
+        if grads is not None and grads is not self.grads:
             self.flat.flatten(grads, out=self.grad_buffer, what="grads")
         self.t += 1
-        n_threads = 1 if self.workers is None else self.workers.n
-        _map(self.workers, lambda span: self._update(*span, lr), ranges(self.flat.size, n_threads))
+        _map(self.workers, lambda span: self._update(*span, lr), ranges(self.flat.size, self._threads))
+
+    @property
+    def _threads(self) -> int:
+        return 1 if self.workers is None else self.workers.n
 
     def _update(self, start: int, stop: int, lr: float) -> None:
         """The update of elements [start, stop) of the flat buffers, CHUNK at a time."""
@@ -319,7 +372,7 @@ def _map(workers, fn, items) -> list:
 def global_norm(grads: Mapping[str, np.ndarray] | np.ndarray, workers=None) -> float:
     """sqrt(sum over every gradient element of g**2), accumulated in float64.
 
-    `workers` (tinygen.parallel.Workers) splits a flat buffer between threads.
+    `workers` (tinygen.plumbing.parallel.Workers) splits a flat buffer between threads.
 
     >>> global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)})
     5.0
@@ -383,8 +436,7 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     [0.2, 1.0, 0.55, 0.1, 0.1]
     """
     for label, value in (("step", step), ("warmup_steps", warmup_steps), ("max_steps", max_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise TinygenError(f"lr_at {label} must be a non-negative integer, got {value!r}")
+        require(f"lr_at {label}", value, NON_NEGATIVE)
     if warmup_steps > max_steps:
         raise TinygenError(f"lr_at warmup_steps ({warmup_steps}) must be <= max_steps ({max_steps})")
     if not 0 <= min_lr <= lr:

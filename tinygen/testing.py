@@ -3,13 +3,16 @@
 If you write your own attention, layer norm or whole GPT-2, tinygen's
 float64 forward and backward passes are a reference to test it against:
 
-    from hypothesis import given
-    from tinygen.testing import configs, token_batches, arrays, check_layer
-
-    @given(configs(), st.data())
-    def test_my_model(config, data):
-        idx = data.draw(token_batches(config))          # (B, T) int64
-        ...                                             # compare with GPT(config)
+>>> from hypothesis import given, settings, strategies as st
+>>> from tinygen import GPT
+>>> from tinygen.testing import configs, token_batches
+>>> @settings(max_examples=5, deadline=None)
+... @given(configs(), st.data())
+... def test_my_model(config, data):
+...     idx = data.draw(token_batches(config))                     # (B, T) int64
+...     logits = GPT(config).forward(idx)                           # compare yours with this
+...     assert logits.shape == (*idx.shape, config.vocab_size)
+>>> test_my_model()                                                 # pytest would call it
 
 Strategies: `configs` -> GPTConfig, `token_batches` -> (B, T) int64 ids,
 `arrays` -> finite arrays of moderate magnitude. Re-exported checks:
@@ -95,7 +98,8 @@ def float_arrays(obj):
     """Every floating ndarray inside obj (nested tuples / NamedTuples / lists):
     check that a float32 forward, its caches and its gradients stay float32.
 
-        float_arrays((np.zeros(2, np.float32), (np.arange(3), np.ones(1))))  # the two float arrays
+    >>> [a.dtype.name for a in float_arrays((np.zeros(2, np.float32), (np.arange(3), np.ones(1))))]
+    ['float32', 'float64']
     """
     if isinstance(obj, np.ndarray):
         return [obj] if obj.dtype.kind == "f" else []

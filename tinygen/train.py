@@ -6,9 +6,9 @@ One step, for step = start .. max_steps - 1:
     for each of the A micro-batches:                   A = grad_accum
         split its B rows into W shards                 W = workers, run at once (parallel.py)
         loss, g = model.loss_and_grads(x, y, rng, scale=w)    w: the shard's share of the step's loss
-        summed into AdamW's flat grad buffer           = the gradient of the mean over the A micro-batches
-    norm      = clip_grad_norm(grads, grad_clip)       NaN or inf here -> stop, no update
-    AdamW.step(grads, lr_at(step))
+        opt.sum_grads(the shards' g)                   = the gradient of the mean over the A micro-batches
+    norm      = opt.clip_grads(grad_clip)              NaN or inf here -> stop, no update
+    opt.step(lr=lr_at(step))                           AdamW on the gradients summed above
     every eval_interval steps:       val_loss over fixed held-out batches
     every step:                      a row in RUN_DIR/metrics.jsonl
     every checkpoint_interval steps: model.safetensors, then train_state.safetensors
@@ -30,22 +30,27 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import LOSS_SVG, METRICS, TRAIN_STATE, checkpoint_step, load_train_state, save_train_state
-from .config import GPTConfig
+from .checkpoint import checkpoint_step, load_train_state, save_train_state
+from .config import (NON_NEGATIVE, POSITIVE, PROBABILITY, GPTConfig, number, one_of, optional, option,
+                     validate)
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
-from .plumbing.memory import reuse_freed_memory
-from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .loss import IGNORE
-from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+from .optim import AdamW, lr_at
+from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .plumbing.parallel import Workers, default_workers, ranges
 from .plumbing.plot import write_loss_svg
 from .plumbing.progress import Progress, format_rate
+from .plumbing.rundir import LOSS_SVG, METRICS, TRAIN_STATE
+
+
+NON_NEGATIVE_NUMBER = number(0.0)  # a rate, a decay, a clipping norm: finite and >= 0
+BETA = number(0.0, 1.0, high_open=True)  # an Adam moment decay: [0, 1)
 
 
 @dataclass(frozen=True)
@@ -53,54 +58,42 @@ class TrainConfig:
     """Everything that decides what a training run computes; defaults are the `small` preset."""
 
     # model (vocab_size: the tokenizer's target size when one is trained)
-    vocab_size: int = 2048
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    dtype: str = "float32"
+    vocab_size: int = option(2048, "size of the BPE vocabulary to train, <|endoftext|> included", POSITIVE)
+    block_size: int = option(128, "context length T: tokens the model sees at once", POSITIVE)
+    n_layer: int = option(4, "transformer blocks", POSITIVE)
+    n_head: int = option(4, "attention heads per block (must divide --n-embd)", POSITIVE)
+    n_embd: int = option(128, "width of the residual stream", POSITIVE)
+    dropout: float = option(0.0, "dropout probability while training (0 = off)", PROBABILITY)
+    dtype: str = option("float32", "float32 or float64 parameters and activations", one_of("float32", "float64"))
     # optimization
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1600
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    lr_decay_steps: Optional[int] = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
+    batch_size: int = option(16, "sequences per micro-batch", POSITIVE)
+    grad_accum: int = option(1, "micro-batches summed into each optimizer step", POSITIVE)
+    max_steps: int = option(1600, "optimizer steps to train to (with --resume: continue up to this step)",
+                            NON_NEGATIVE)
+    lr: float = option(2e-3, "peak learning rate, reached after the warm-up", NON_NEGATIVE_NUMBER)
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine decay", NON_NEGATIVE_NUMBER)
+    warmup_steps: int = option(30, "steps of linear warm-up from lr/(warmup+1) to lr (cut to the decay's "
+                               "length if longer)", NON_NEGATIVE)
+    lr_decay_steps: Optional[int] = option(None, "step where the cosine decay reaches min_lr; None means "
+                                           "--max-steps, fixed when the run starts", optional(NON_NEGATIVE))
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay of the 2-D weights", NON_NEGATIVE_NUMBER)
+    beta1: float = option(0.9, "AdamW first-moment decay", BETA)
+    beta2: float = option(0.99, "AdamW second-moment decay", BETA)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)", NON_NEGATIVE_NUMBER)
     # evaluation, checkpoints, randomness
-    eval_interval: int = 100
-    eval_batches: int = 8
-    checkpoint_interval: int = 100
-    seed: int = 1337
-    workers: int = 0  # threads, each running a shard of the batch; 0: one per core (parallel.default_workers)
+    eval_interval: int = option(100, "steps between validation-loss measurements", POSITIVE)
+    eval_batches: int = option(8, "held-out batches per validation measurement", POSITIVE)
+    checkpoint_interval: int = option(100, "steps between checkpoints (also saved at the end and on Ctrl-C)",
+                                      POSITIVE)
+    seed: int = option(1337, "seed of the weights, the batches and dropout", NON_NEGATIVE)
+    workers: int = option(0, "threads that each run a shard of every batch (0 = one per core, see "
+                          "parallel.default_workers; 1 = one stream, BLAS threads as set)", NON_NEGATIVE)
 
     def __post_init__(self):
-        positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum",
-                    "eval_interval", "eval_batches", "checkpoint_interval"]
-        non_negative = ["max_steps", "warmup_steps", "seed", "workers"]
-        for name in positive + non_negative + ["lr_decay_steps"]:
-            value = getattr(self, name)
-            if name == "lr_decay_steps" and value is None:
-                continue
-            low = 1 if name in positive else 0
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                kind = "a positive" if low else "a non-negative"
-                raise TinygenError(f"TrainConfig.{name} must be {kind} integer, got {value!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise TinygenError(f"TrainConfig.{name} must be a non-negative number, got {value!r}")
+        validate(self)
         if self.min_lr > self.lr:
             raise TinygenError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        for name in ("beta1", "beta2"):
-            if not getattr(self, name) < 1:
-                raise TinygenError(f"TrainConfig.{name} must be below 1, got {getattr(self, name)!r}")
-        self.model_config(self.vocab_size)  # n_embd % n_head, dropout < 1, dtype: GPTConfig's checks
+        self.model_config(self.vocab_size)  # n_embd % n_head: GPTConfig's check
 
     @property
     def decay_steps(self) -> int:
@@ -123,38 +116,6 @@ class TrainConfig:
         return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_steps=min(self.warmup_steps, self.decay_steps),
                      max_steps=self.decay_steps)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def replace(self, **changes) -> "TrainConfig":
-        return TrainConfig(**{**asdict(self), **changes})
-
-
-HELP = {
-    "vocab_size": "size of the BPE vocabulary to train, <|endoftext|> included",
-    "block_size": "context length T: tokens the model sees at once",
-    "n_layer": "transformer blocks",
-    "n_head": "attention heads per block (must divide --n-embd)",
-    "n_embd": "width of the residual stream",
-    "dropout": "dropout probability while training (0 = off)",
-    "dtype": "float32 or float64 parameters and activations",
-    "batch_size": "sequences per micro-batch",
-    "grad_accum": "micro-batches summed into each optimizer step",
-    "max_steps": "optimizer steps to train to (with --resume: continue up to this step)",
-    "lr": "peak learning rate, reached after the warm-up",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_steps": "steps of linear warm-up from lr/(warmup+1) to lr (cut to the decay's length if longer)",
-    "lr_decay_steps": "step where the cosine decay reaches min_lr; None means --max-steps, fixed when the run starts",
-    "weight_decay": "AdamW decoupled weight decay of the 2-D weights",
-    "beta1": "AdamW first-moment decay",
-    "beta2": "AdamW second-moment decay",
-    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
-    "eval_interval": "steps between validation-loss measurements",
-    "eval_batches": "held-out batches per validation measurement",
-    "checkpoint_interval": "steps between checkpoints (also saved at the end and on Ctrl-C)",
-    "seed": "seed of the weights, the batches and dropout",
-    "workers": "threads that each run a shard of every batch (0 = one per core; 1 = one stream, BLAS threads as set)",
-}
 
 # Presets are overrides of TrainConfig and DataConfig fields.
 PRESETS = {
@@ -198,21 +159,26 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     progress: a Progress, or None for the default one on stderr; False for none.
     log(message): where one-off messages (evaluations, Ctrl-C) go.
     Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient.
+
+    Nothing outside the call changes for good: the worker threads' BLAS
+    setting and the Ctrl-C handler are restored when it returns, and malloc
+    is left as the caller set it (the `tinygen` command opts in to
+    tinygen.plumbing.memory.reuse_freed_memory, a library caller may too).
     """
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    reuse_freed_memory()  # a step's large temporaries are reused, not re-mapped: see memory.py
     save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
     with Workers(config.workers or default_workers(config.batch_size)) as workers:
         opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
                     weight_decay=config.weight_decay, trainable=trainable, workers=workers)
-        return _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights,
-                      progress, log)
+        return _loop(model=model, opt=opt, workers=workers, batches=batches, config=config, run_dir=run_dir,
+                     val_batches=val_batches, resume=resume, save_weights=save_weights, progress=progress,
+                     log=log)
 
 
-def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):
-    """train()'s loop, given the optimizer and the worker threads."""
-    start, elapsed0, saved_workers = _start(model, opt, run_dir, resume)
+def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):
+    """train()'s loop, given the optimizer and the worker threads (the ones the optimizer uses too)."""
+    start, elapsed0, saved_workers = _start(model=model, opt=opt, run_dir=run_dir, resume=resume)
     metrics = MetricsLog(os.path.join(run_dir, METRICS))
     if progress is None:
         progress = Progress(total=config.max_steps, desc="step", unit="step", start=start)
@@ -222,7 +188,10 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
     if saved_workers is not None and saved_workers != workers.n:
         say(f"note: resuming on {workers.n} worker threads, the checkpoint was trained on {saved_workers}: "
             f"same training, other rounding (and dropout masks), so not bit-identical to an uninterrupted run")
-    save = lambda step, elapsed: _save(run_dir, step, model, opt, config, elapsed, save_weights)  # noqa: E731
+
+    def save(step, elapsed):
+        _save(run_dir=run_dir, step=step, model=model, opt=opt, config=config, elapsed=elapsed,
+              save_weights=save_weights)
 
     train_loss = val_loss = None
     if start == 0 and val_batches:
@@ -236,15 +205,12 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
             t0 = time.perf_counter()
             lr = config.lr_at(step)
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
-                train_loss = accumulate_grads(model, opt, workers, batches(step), config, step)
-                if config.grad_clip > 0:
-                    norm = clip_grad_norm(opt.grad_buffer, config.grad_clip, workers)
-                else:
-                    norm = global_norm(opt.grad_buffer, workers)
+                train_loss = accumulate_grads(model, opt, batches(step), workers=workers, config=config, step=step)
+                norm = opt.clip_grads(config.grad_clip) if config.grad_clip > 0 else opt.grad_norm()
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 progress.close()
-                raise TrainingDiverged(_diverged(step + 1, train_loss, norm, run_dir))
-            opt.step(opt.grads, lr)
+                raise TrainingDiverged(_diverged(step=step + 1, loss=train_loss, norm=norm, run_dir=run_dir))
+            opt.step(lr=lr)  # the gradients accumulate_grads summed into the optimizer's buffer
             dt, done = time.perf_counter() - t0, step + 1
             is_eval = bool(val_batches) and (done % config.eval_interval == 0 or done == config.max_steps)
             if is_eval:
@@ -267,7 +233,7 @@ def _train(model, opt, workers, batches, config, run_dir, val_batches, resume, s
     return TrainResult(done, interrupted, train_loss, val_loss, elapsed0 + time.perf_counter() - t_start)
 
 
-def _start(model, opt, run_dir, resume):
+def _start(*, model, opt, run_dir, resume):
     """-> (first step, elapsed seconds so far, the checkpoint's worker count or None):
     restore RUN_DIR's checkpoint when resuming.
 
@@ -276,7 +242,7 @@ def _start(model, opt, run_dir, resume):
     """
     state_path, metrics_path = os.path.join(run_dir, TRAIN_STATE), os.path.join(run_dir, METRICS)
     if resume and os.path.isfile(state_path):
-        start, elapsed, saved_workers = _restore(model, opt, state_path)
+        start, elapsed, saved_workers = _restore(model=model, opt=opt, path=state_path)
         truncate_after(metrics_path, start)
         return start, elapsed, saved_workers
     if os.path.exists(metrics_path):
@@ -284,7 +250,7 @@ def _start(model, opt, run_dir, resume):
     return 0, 0.0, None
 
 
-def _save(run_dir, step, model, opt, config, elapsed, save_weights):
+def _save(*, run_dir, step, model, opt, config, elapsed, save_weights):
     """A checkpoint: weights first, then the train state (the commit point), then loss.svg."""
     save_weights(run_dir)
     params = {n: model.params[n] for n in opt.names}
@@ -294,7 +260,7 @@ def _save(run_dir, step, model, opt, config, elapsed, save_weights):
     write_loss_svg(os.path.join(run_dir, LOSS_SVG), read_metrics(os.path.join(run_dir, METRICS)))
 
 
-def _diverged(step, loss, norm, run_dir) -> str:
+def _diverged(*, step, loss, norm, run_dir) -> str:
     what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
     last = checkpoint_step(run_dir)
     last = "none saved yet" if last is None else f"step {last}"
@@ -302,15 +268,16 @@ def _diverged(step, loss, norm, run_dir) -> str:
             f"({last}) is intact; try a lower --lr or --grad-clip")
 
 
-def accumulate_grads(model, opt, workers, batch, config, step) -> float:
-    """One step's gradient, summed over its shards into opt.grads; returns the step's loss.
+def accumulate_grads(model, opt, batch, *, workers, config, step) -> float:
+    """One step's gradient, summed over its shards into the optimizer's gradient buffer
+    (`opt.sum_grads`); returns the step's loss.
 
     The step's loss is the mean over the A micro-batches of each one's mean
     over its counted positions (targets != -1). A shard holding n_s of its
     micro-batch's n counted positions therefore has weight n_s / n / A: the
     loss is the sum of weight * shard loss, the gradient the sum of the
     shards' gradients of weight * shard loss. W shards of one micro-batch
-    run at once, on W threads.
+    run at once, on the W threads of `workers`.
     """
     x, y = batch
     if x.shape != y.shape or x.shape[0] != config.batch_size * config.grad_accum:
@@ -318,12 +285,13 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
                            f"({config.batch_size * config.grad_accum}, T) = batch_size * grad_accum rows")
     B, A = config.batch_size, config.grad_accum
     shards = ranges(B, min(workers.n, B))  # (start, stop) rows of a micro-batch
+    trainable = opt.names
 
     def run(shard):  # -> (weighted loss, grads of the weighted loss)
         index, rows, weight = shard
         rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
         loss, grads = model.loss_and_grads(x[rows], y[rows], rng, scale=weight)
-        return weight * float(loss), {n: grads[n] for n in opt.flat.slices}  # frozen ones' are dropped now
+        return weight * float(loss), {n: grads[n] for n in trainable}  # frozen ones' are dropped now
 
     total = 0.0
     for a in range(A):
@@ -335,33 +303,11 @@ def accumulate_grads(model, opt, workers, batch, config, step) -> float:
             jobs.append((a * len(shards) + i, slice(a * B + lo, a * B + hi), weight))
         results = workers.map(run, jobs)
         total += sum(loss for loss, _ in results)
-        _sum_into(opt, [grads for _, grads in results], workers, accumulate=a > 0)
+        opt.sum_grads([grads for _, grads in results], accumulate=a > 0)
     return total
 
 
-def _sum_into(opt, grads, workers, accumulate):
-    """opt.grads (+)= the sum of the dicts in `grads`, each thread summing one
-    contiguous range of the flat gradient buffer (the names' slices of it)."""
-
-    def add(span):
-        lo, hi = span
-        for name, (start, stop) in opt.flat.slices.items():
-            a, b = max(lo, start), min(hi, stop)  # the part of this name inside [lo, hi)
-            if a >= b:
-                continue
-            target = opt.grad_buffer[a:b]
-            parts = [g[name].reshape(-1)[a - start:b - start] for g in grads]
-            if accumulate:
-                target += parts[0]
-            else:
-                np.copyto(target, parts[0])
-            for part in parts[1:]:
-                target += part
-
-    workers.map(add, ranges(opt.flat.size, workers.n))
-
-
-def _restore(model, opt, path):
+def _restore(*, model, opt, path):
     """Load RUN_DIR/train_state.safetensors into the model's params and the optimizer."""
     state = load_train_state(path)
     names = set(opt.names)

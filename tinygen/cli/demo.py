@@ -11,30 +11,6 @@ as SVG. docs/demo.md walks through the report.
 from .flags import add_dataclass_arguments, dataclass_overrides
 from ..demo import TINY, DemoConfig, run as demo
 
-HELP = {
-    "vocab_size": "size of the BPE vocabulary trained on the corpus",
-    "block_size": "context length T of the model",
-    "n_layer": "transformer blocks",
-    "n_head": "attention heads per block (must divide --n-embd)",
-    "n_embd": "width of the residual stream",
-    "corpus_bytes": "cap on the standard-library sources used for pretraining, in bytes",
-    "tokenizer_bytes": "bytes of the corpus the tokenizer trains on",
-    "pretrain_steps": "pretraining steps",
-    "pretrain_batch": "sequences per pretraining step",
-    "pretrain_lr": "peak learning rate of pretraining",
-    "finetune_steps": "steps of each fine-tuning run",
-    "finetune_batch": "examples per fine-tuning step",
-    "full_lr": "peak learning rate of full fine-tuning",
-    "lora_lr": "peak learning rate of LoRA fine-tuning",
-    "lora_rank": "rank r of the LoRA updates",
-    "single_task": "the task of the single-task run (compared with multi-task)",
-    "few_shot_k": "solved examples in front of each few-shot prompt",
-    "eval_examples": "test examples per task for the loss",
-    "accuracy_examples": "test examples per task decoded for the accuracy",
-    "train_examples": "fine-tuning examples per task (default: all)",
-    "seed": "seed of the weights, the batches and the example subsets",
-}
-
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -47,7 +23,7 @@ def add_parser(sub):
     )
     p.add_argument("--out", default="tinygen-demo", metavar="DIR", help="output directory (default: ./tinygen-demo)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run with tiny sizes (a smoke test)")
-    add_dataclass_arguments(p.add_argument_group("sizes (DemoConfig)"), DemoConfig, HELP)
+    add_dataclass_arguments(p.add_argument_group("sizes (DemoConfig)"), DemoConfig)
     p.set_defaults(run=run)
 
 

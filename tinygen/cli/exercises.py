@@ -6,6 +6,7 @@
 `check` exits 0 when every started exercise passes (not started is not an
 error), 1 when one fails or a file cannot be graded.
 """
+from ..exercises import check, format_results, start
 
 
 def add_parser(sub):
@@ -31,8 +32,6 @@ def add_parser(sub):
 
 
 def run_start(args) -> int:
-    from ..exercises import start
-
     done = start(args.directory)
     for name, written in done:
         print(f"  {name}{'' if written else '   (kept: it was already there)'}")
@@ -42,8 +41,6 @@ def run_start(args) -> int:
 
 
 def run_check(args) -> int:
-    from ..exercises import check, format_results
-
     results, ok = check(args.directory, args.name)
     print(format_results(results))
     return 0 if ok else 1

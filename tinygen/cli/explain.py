@@ -5,6 +5,7 @@ anywhere): the prompt's tokens, each token's loss, the top-5 next tokens at
 each position, the logit lens per layer, and every head's attention as a
 heatmap. See tinygen/explain.py and docs/explain.md.
 """
+from ..explain import explain
 
 
 def add_parser(sub):
@@ -22,8 +23,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..explain import explain
-
     out = explain(args.model, args.prompt, args.out)
     print(f"wrote {out}: open it in a browser")
     return 0

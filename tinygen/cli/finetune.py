@@ -15,33 +15,7 @@ import sys
 from .flags import add_dataclass_arguments, dataclass_overrides
 from ..errors import TinygenError
 from ..plumbing.fileio import read_json
-from ..finetuning.finetune import FINETUNE_FILE, METHODS, FinetuneConfig, run as finetune
-
-HELP = {
-    "method": f"what to train: {', '.join(METHODS)}",
-    "freeze_embeddings": "full: keep wte/wpe (and so the tied LM head) frozen",
-    "freeze_layers": "full: keep the lowest N blocks frozen",
-    "lora_rank": "lora: rank r of each update A B",
-    "lora_alpha": "lora: the update is scaled by alpha / r",
-    "lora_dropout": "lora: dropout on the update's input",
-    "lora_targets": "lora: comma-separated projections among c_attn, c_proj, c_fc",
-    "adapter_size": "adapter: bottleneck width m",
-    "n_virtual": "prompt: number of virtual tokens",
-    "tasks": "comma-separated tasks to train and evaluate; empty means all",
-    "batch_size": "examples per step",
-    "max_steps": "optimizer steps (with --resume: continue up to this step)",
-    "lr": "peak learning rate; None picks the method's: full 1e-3, lora and adapter 3e-3, prompt 3e-2",
-    "warmup_steps": "steps of linear warm-up",
-    "weight_decay": "AdamW weight decay of the trained 2-D weights",
-    "grad_clip": "clip the global gradient norm to this (0 = off)",
-    "dropout": "dropout probability while training",
-    "eval_interval": "steps between validation-loss measurements",
-    "eval_batches": "validation batches per measurement",
-    "checkpoint_interval": "steps between checkpoints",
-    "eval_examples": "test examples per task decoded for the accuracy",
-    "seed": "seed of the new weights and the batch order",
-    "workers": "threads that each run a shard of every batch (0 = one per core; 1 = one stream)",
-}
+from ..finetuning.finetune import FINETUNE_FILE, FinetuneConfig, run as finetune
 
 
 def add_parser(sub):
@@ -58,7 +32,7 @@ def add_parser(sub):
                    help='JSONL lines {"prompt", "completion", "task"?}, or "builtin" for the standard-library tasks')
     p.add_argument("--out", metavar="RUN_DIR2", help="run directory to write")
     p.add_argument("--resume", metavar="RUN_DIR2", help="continue this fine-tuning run from its last checkpoint")
-    add_dataclass_arguments(p.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, HELP)
+    add_dataclass_arguments(p.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig)
     p.set_defaults(run=run)
 
 

@@ -3,7 +3,9 @@
 Each command module has `add_parser(subparsers)`, which registers its flags
 and `set_defaults(run=run)`; `run(args) -> int` is an importable function.
 Bad input (`TinygenError`, a missing file) becomes one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. `main` is the program: it treats the process
+as its own and raises malloc's thresholds for it (reuse_freed_memory), which
+the library leaves to its caller.
 """
 import argparse
 import sys
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_memory()  # every command runs large NumPy steps: see tinygen/memory.py
+    reuse_freed_memory()  # the command owns its process, so it opts in (the library never does): plumbing/memory.py
     try:
         return int(args.run(args) or 0)
     except (TinygenError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

@@ -11,6 +11,7 @@ on stderr and exit code 2.
 """
 import sys
 
+from ..config import NON_NEGATIVE, POSITIVE, require
 from ..errors import TinygenError
 
 
@@ -58,12 +59,9 @@ def _encode_prompt(tokenizer, model, text):
 def _check_args(args):
     from ..sampling import check_sampling_options
 
-    if args.max_new_tokens < 0:
-        raise TinygenError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise TinygenError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.num_beams < 1:
-        raise TinygenError(f"--num-beams must be >= 1, got {args.num_beams}")
+    require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
+    require("--num-samples", args.num_samples, POSITIVE)
+    require("--num-beams", args.num_beams, POSITIVE)
     if args.num_beams > 1:
         given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
         if given:
@@ -76,14 +74,14 @@ def _check_args(args):
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
     from ..finetuning.finetune import is_finetuned_run, load_run
+    from ..gpt import GPT
     from ..sampling import make_rng, stream
     from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
     # A fine-tuned run holds either a whole model or adapter weights over its base.
-    model = load_run(args.model) if is_finetuned_run(args.model) else load_model(args.model)
+    model = load_run(args.model) if is_finetuned_run(args.model) else GPT.from_pretrained(args.model)
     tokenizer = Tokenizer.load_dir(args.model)
     ids = _encode_prompt(tokenizer, model, args.prompt)
     stops = list(args.stop or []) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])

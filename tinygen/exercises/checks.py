@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import attention, layers, loss, model, optim, sampling
 from ..config import GPTConfig
+from ..parts import GPT2, make_context
 from ..tokenizer import bpe
 from .grading import Mismatch, expect, expect_equal, finite_differences, grads_tuple, property_holds
 
@@ -145,12 +146,15 @@ def check_cross_entropy(m):
 
 # ---------------------------------------------------------------- the model's parts
 def tinygen_block(x, p, n_head):
-    """tinygen's block 0 on the learner's parameter names: (out, backward(dout) -> (dx, grads))."""
+    """tinygen's block 0 (plain GPT-2 parts, no dropout) on the learner's parameter names:
+    (out, backward(dout) -> (dx, grads))."""
+    B, T, C = x.shape
+    config = GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=n_head, n_embd=C, dtype="float64")
     params = {"h.0." + k: v for k, v in p.items()}
-    out, cache = model.block_forward(x, params, 0, n_head)
+    out, cache = model.block_forward(x, params, 0, make_context(config, GPT2))
 
     def backward(dout):
-        dx, g = model.block_backward(dout, cache, 0)
+        dx, g = model.block_backward(dout, cache)
         return dx, {k: g["h.0." + k] for k in p}
 
     return out, backward
@@ -198,7 +202,7 @@ def tinygen_ends(idx, wte, wpe, w, b):
     for k in ("h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias", "h.0.mlp.c_proj.weight", "h.0.mlp.c_proj.bias"):
         params[k][...] = 0.0
     params.update({"wte.weight": wte, "wpe.weight": wpe, "ln_f.weight": w, "ln_f.bias": b})
-    logits, cache = model.gpt_forward(params, idx, config)
+    logits, cache = model.gpt_forward(params, idx, config, GPT2)
 
     def backward(dlogits):
         g = model.gpt_backward(dlogits, cache)

@@ -1,2 +1,2 @@
-"""Fine-tuning: the methods (lora, adapters, prompt_tuning), the multi-task data (tasks),
-the run (finetune) and its evaluation (evaluate)."""
+"""Fine-tuning: the methods' parts (lora, adapters, prompt_tuning) and their table (methods),
+the multi-task data (tasks), the run (finetune) and its evaluation (evaluate)."""

@@ -12,25 +12,29 @@ Names: `h.{i}.adapter_attn.down.weight` (C, m), `.down.bias` (m,),
 `.up.weight` (m, C), `.up.bias` (C,); likewise `h.{i}.adapter_mlp.*`.
 Parameters per block: 2 (2 C m + m + C).
 
+In the model, an adapter is the branch part (tinygen.parts): `ADAPTER`
+replaces the identity that GPT-2 applies to each branch's output, and the
+block calls it with the name "h.{i}.adapter_attn" / "h.{i}.adapter_mlp".
+
 Shapes: C width, m bottleneck width; h is (..., C).
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from ..layers import gelu_backward, gelu_forward, linear_backward, linear_forward
+from ..layers import GeluCache, LinearCache, gelu_backward, gelu_forward, linear_backward, linear_forward
+from ..parts import Part
 
 SITES = ("adapter_attn", "adapter_mlp")
 
 
-def adapter_names(i: int, site: str) -> tuple:
-    """The four parameter names of one adapter, in forward-argument order.
+def adapter_names(name: str) -> tuple:
+    """The four parameter names of the adapter NAME, in forward-argument order.
 
-    >>> adapter_names(0, "adapter_mlp")[0]
+    >>> adapter_names("h.0.adapter_mlp")[0]
     'h.0.adapter_mlp.down.weight'
     """
-    h = f"h.{i}.{site}."
-    return (h + "down.weight", h + "down.bias", h + "up.weight", h + "up.bias")
+    return (name + ".down.weight", name + ".down.bias", name + ".up.weight", name + ".up.bias")
 
 
 def init_adapters(n_layer: int, n_embd: int, bottleneck: int, rng: np.random.Generator, dtype=np.float32) -> dict:
@@ -38,7 +42,7 @@ def init_adapters(n_layer: int, n_embd: int, bottleneck: int, rng: np.random.Gen
     new = {}
     for i in range(n_layer):
         for site in SITES:
-            dw, db, uw, ub = adapter_names(i, site)
+            dw, db, uw, ub = adapter_names(f"h.{i}.{site}")
             new[dw] = rng.normal(0.0, 0.02, (n_embd, bottleneck)).astype(dtype)
             new[db] = np.zeros(bottleneck, dtype=dtype)
             new[uw] = np.zeros((bottleneck, n_embd), dtype=dtype)
@@ -47,9 +51,9 @@ def init_adapters(n_layer: int, n_embd: int, bottleneck: int, rng: np.random.Gen
 
 
 class AdapterCache(NamedTuple):
-    down: tuple  # LinearCache: h (..., C) -> (..., m)
-    gelu: tuple  # GeluCache (..., m)
-    up: tuple  # LinearCache: (..., m) -> (..., C)
+    down: LinearCache  # h (..., C) -> (..., m)
+    gelu: GeluCache  # (..., m)
+    up: LinearCache  # (..., m) -> (..., C)
 
 
 def adapter_forward(h, down_w, down_b, up_w, up_b):
@@ -72,6 +76,27 @@ def adapter_backward(dout, cache):
     dh, ddown_w, ddown_b = linear_backward(dz, cache.down)
     dh += dout  # skip connection
     return dh, ddown_w, ddown_b, dup_w, dup_b
+
+
+# ------------------------------------------------------------------ the branch part
+class AdapterPartCache(NamedTuple):
+    name: str  # "h.0.adapter_attn": the adapter's parameters are adapter_names(name)
+    adapter: AdapterCache
+
+
+def adapter_branch_forward(h, params, name, ctx):
+    """The adapter NAME on a branch's output h (B,T,C) -> (B,T,C)."""
+    out, adapter = adapter_forward(h, *(params[n] for n in adapter_names(name)))
+    return out, AdapterPartCache(name, adapter)
+
+
+def adapter_branch_backward(dout, cache):
+    """adapter_backward, the gradients under their parameter names."""
+    dh, *grads = adapter_backward(dout, cache.adapter)
+    return dh, dict(zip(adapter_names(cache.name), grads))
+
+
+ADAPTER = Part(adapter_branch_forward, adapter_branch_backward)
 
 
 def count(params: dict) -> int:

@@ -12,14 +12,13 @@ Greedy decoding runs a batch of prompts of different lengths side by side:
 each row is right-padded and reads its logits at its own last position, so
 padding never influences it (attention is causal). Every step recomputes the
 whole (short) sequences, which keeps this code independent of the KV cache
-and correct for every fine-tuning method's hooks.
+and correct for every model's parts.
 
 Shapes: B batch, T time, V vocabulary.
 """
 import numpy as np
 
 from ..model import gpt_forward
-from .prompt_tuning import NAME as PROMPT
 from .tasks import Example, by_task, encode_examples, make_batch
 
 MAX_NEW_TOKENS = 48  # longest greedy completion tried for the accuracy
@@ -41,9 +40,8 @@ def task_losses(model, encoded, batch_size=32) -> dict:
 
 
 def capacity(model) -> int:
-    """How many real tokens fit: block_size minus any virtual prompt tokens."""
-    n_virtual = model.params[PROMPT].shape[0] if PROMPT in model.params else 0
-    return model.config.block_size - n_virtual
+    """How many real tokens fit: block_size minus the positions the embed part prepends (prompt tuning)."""
+    return model.config.block_size - model.n_prefix
 
 
 def greedy_complete(model, prompts, max_new_tokens, stop_ids, batch_size=32) -> list:
@@ -72,7 +70,7 @@ def _greedy_batch(model, prompts, max_new_tokens, stop_ids):
     done = np.zeros(B, dtype=bool)
     new = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        logits, _ = gpt_forward(model.params, ids[:, :lengths.max()], model.config, lora=model.lora)  # (B,T,V)
+        logits, _ = gpt_forward(model.params, ids[:, :lengths.max()], model.config, model.parts)  # (B,T,V)
         tok = logits[np.arange(B), lengths - 1].argmax(axis=-1)  # (B,) each row's next token
         for b in np.flatnonzero(~done):
             if int(tok[b]) in stop_ids:
@@ -87,8 +85,11 @@ def _greedy_batch(model, prompts, max_new_tokens, stop_ids):
 
 
 def exact_match(generated: str, reference: str) -> bool:
-    """>>> exact_match(" spawn ", "spawn")
-    True"""
+    """Whether a generated completion equals the reference, surrounding spaces aside.
+
+    >>> exact_match(" spawn ", "spawn")
+    True
+    """
     return generated.strip() == reference.strip()
 
 

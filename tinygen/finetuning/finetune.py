@@ -3,15 +3,16 @@
     base RUN_DIR (config.json, model.safetensors, tokenizer.json)
       + method parameters        LoRA A, B / adapters / prompt embeddings (none for full)
       + trainable(name)          which parameters AdamW updates (and keeps state for)
-      + batches with targets -1  on prompt and padding positions (tinygen.tasks)
+      + batches with targets -1  on prompt and padding positions (tinygen.finetuning.tasks)
       -> tinygen.train.train     the same loop, metrics, checkpoints and resume as pretraining
       -> per-task evaluation     loss and exact-match accuracy on the test split
 
-Methods (docs/finetuning.md has the math and the parameter counts):
+Methods (one row each in tinygen.finetuning.methods.METHODS; docs/finetuning.md
+has the math and the parameter counts):
     full     every parameter, optionally freezing the embeddings or the lower n blocks
-    lora     low-rank updates of chosen projections (tinygen.lora)
-    adapter  bottleneck adapters after attention and after the MLP (tinygen.adapters)
-    prompt   n virtual token embeddings prepended to every input (tinygen.prompt_tuning)
+    lora     low-rank updates of chosen projections (finetuning.lora)
+    adapter  bottleneck adapters after attention and after the MLP (finetuning.adapters)
+    prompt   n virtual token embeddings prepended to every input (finetuning.prompt_tuning)
 
 The base checkpoint is never written. `full` saves a whole model in the new
 run directory; the other methods save only their own tensors in
@@ -30,80 +31,87 @@ from typing import Optional
 
 import numpy as np
 
-from .adapters import init_adapters
-from ..checkpoint import TOKENIZER, load_model
+from ..checkpoint import TOKENIZER
+from ..config import NON_NEGATIVE, POSITIVE, PROBABILITY, boolean, number, one_of, option, optional, validate
 from ..errors import TinygenError
+from ..gpt import GPT
+from ..model import param_shapes
 from ..plumbing.fileio import atomic_write_json, read_json
-from .lora import LoraSpec, init_lora
-from ..model import GPT, param_shapes
-from .prompt_tuning import NAME as PROMPT, init_prompt
 from ..plumbing.safetensors import load_file, load_metadata, save_file
+from ..tokenizer.tokenizer import Tokenizer
+from ..train import TrainConfig, train
+from .evaluate import capacity, evaluate_tasks
+from .lora import TARGETS
+from .methods import METHODS
+from .tasks import TASKS, batches, builtin_examples, encode_examples, make_batch, read_jsonl, split_examples
 
-METHODS = ("full", "lora", "adapter", "prompt")
 ADAPTER_FILE = "adapter.safetensors"
 FINETUNE_FILE = "finetune.json"
-FORMAT, VERSION = "tinygen-finetune", "1"
-DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "adapter": 3e-3, "prompt": 3e-2}
+FORMAT, VERSION = "tinygen-finetune", "2"  # 2: adapter files hold the whole FinetuneConfig
+
+
+def names_among(choices):
+    """A check: a comma-separated string of one or more of `choices`.
+
+    >>> names_among(TARGETS)("c_attn, c_fc"), names_among(TARGETS)("q_proj")
+    (None, "comma-separated names among 'c_attn', 'c_proj', 'c_fc'")
+    """
+    def check(value):
+        names = [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else []
+        ok = names and all(t in choices for t in names)
+        return None if ok else "comma-separated names among " + ", ".join(map(repr, choices))
+    return check
+
+
+def text(value) -> Optional[str]:
+    """A check: a string."""
+    return None if isinstance(value, str) else "a string"
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """A fine-tuning run: the method, its hyperparameters, the optimization and the data."""
 
-    method: str = "lora"
-    freeze_embeddings: bool = False
-    freeze_layers: int = 0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "c_attn,c_proj,c_fc"
-    adapter_size: int = 16
-    n_virtual: int = 8
-    tasks: str = ""
-    batch_size: int = 16
-    max_steps: int = 300
-    lr: Optional[float] = None
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    eval_interval: int = 50
-    eval_batches: int = 4
-    checkpoint_interval: int = 100
-    eval_examples: int = 64
-    seed: int = 0
-    workers: int = 0  # threads running shards of each batch; 0: one per core (see tinygen.parallel)
+    method: str = option("lora", "what to train: " + ", ".join(METHODS), one_of(*METHODS))
+    freeze_embeddings: bool = option(False, "full: keep wte/wpe (and so the tied LM head) frozen", boolean)
+    freeze_layers: int = option(0, "full: keep the lowest N blocks frozen", NON_NEGATIVE)
+    lora_rank: int = option(8, "lora: rank r of each update A B", POSITIVE)
+    lora_alpha: float = option(16.0, "lora: the update is scaled by alpha / r", number(0.0, low_open=True))
+    lora_dropout: float = option(0.0, "lora: dropout on the update's input", PROBABILITY)
+    lora_targets: str = option("c_attn,c_proj,c_fc", "lora: comma-separated projections among c_attn, c_proj, c_fc",
+                               names_among(TARGETS))
+    adapter_size: int = option(16, "adapter: bottleneck width m", POSITIVE)
+    n_virtual: int = option(8, "prompt: number of virtual tokens", POSITIVE)
+    tasks: str = option("", "comma-separated tasks to train and evaluate; empty means all", text)
+    batch_size: int = option(16, "examples per step", POSITIVE)
+    max_steps: int = option(300, "optimizer steps (with --resume: continue up to this step)", NON_NEGATIVE)
+    lr: Optional[float] = option(None, "peak learning rate; None picks the method's: "
+                                 + ", ".join(f"{m.name} {m.lr:g}" for m in METHODS.values()),
+                                 optional(number(0.0, low_open=True)))
+    warmup_steps: int = option(20, "steps of linear warm-up", NON_NEGATIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay of the trained 2-D weights", number(0.0))
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", number(0.0))
+    dropout: float = option(0.0, "dropout probability while training", PROBABILITY)
+    eval_interval: int = option(50, "steps between validation-loss measurements", POSITIVE)
+    eval_batches: int = option(4, "validation batches per measurement", POSITIVE)
+    checkpoint_interval: int = option(100, "steps between checkpoints", POSITIVE)
+    eval_examples: int = option(64, "test examples per task decoded for the accuracy", NON_NEGATIVE)
+    seed: int = option(0, "seed of the new weights and the batch order", NON_NEGATIVE)
+    workers: int = option(0, "threads that each run a shard of every batch (0 = one per core; 1 = one stream)",
+                          NON_NEGATIVE)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise TinygenError(f"FinetuneConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("freeze_layers", "max_steps", "warmup_steps", "eval_examples", "seed", "workers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise TinygenError(f"FinetuneConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name in ("adapter_size", "n_virtual", "batch_size", "eval_interval", "eval_batches",
-                     "checkpoint_interval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise TinygenError(f"FinetuneConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise TinygenError(f"FinetuneConfig.lr must be positive, got {self.lr!r}")
-        if self.method == "lora":
-            self.lora_spec()  # LoraSpec's own checks, with its messages
+        validate(self)
 
     @property
     def learning_rate(self) -> float:
-        return DEFAULT_LR[self.method] if self.lr is None else self.lr
-
-    def lora_spec(self) -> LoraSpec:
-        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, targets)
+        return METHODS[self.method].lr if self.lr is None else self.lr
 
     def task_list(self) -> tuple:
         return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
-    def train_config(self, base):
+    def train_config(self, base) -> TrainConfig:
         """The TrainConfig of the shared loop: the model's shape from the base GPTConfig."""
-        from ..train import TrainConfig
-
         lr = self.learning_rate
         return TrainConfig(vocab_size=base.vocab_size, block_size=base.block_size, n_layer=base.n_layer,
                            n_head=base.n_head, n_embd=base.n_embd, dropout=self.dropout, dtype=base.dtype,
@@ -116,9 +124,6 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **changes) -> "FinetuneConfig":
-        return FinetuneConfig(**{**asdict(self), **changes})
-
 
 # ------------------------------------------------------------------ what trains
 def trainable(fc: FinetuneConfig):
@@ -127,40 +132,25 @@ def trainable(fc: FinetuneConfig):
     >>> trainable(FinetuneConfig(method="lora"))("h.0.attn.c_attn.lora_A")
     True
     """
-    if fc.method == "lora":
-        return lambda name: name.endswith((".lora_A", ".lora_B"))
-    if fc.method == "adapter":
-        return lambda name: ".adapter_" in name
-    if fc.method == "prompt":
-        return lambda name: name == PROMPT
-
-    def full(name):  # wte is also the tied LM head: freezing embeddings freezes the head
-        if fc.freeze_embeddings and name in ("wte.weight", "wpe.weight"):
-            return False
-        return not (name.startswith("h.") and int(name.split(".")[1]) < fc.freeze_layers)
-
-    return full
-
-
-def method_params(base_params: dict, config, fc: FinetuneConfig, rng: np.random.Generator) -> dict:
-    """The new parameters the method adds (empty for full fine-tuning)."""
-    if fc.method == "lora":
-        return init_lora(base_params, fc.lora_spec(), rng)
-    if fc.method == "adapter":
-        return init_adapters(config.n_layer, config.n_embd, fc.adapter_size, rng, config.np_dtype)
-    if fc.method == "prompt":
-        return init_prompt(base_params["wte.weight"], fc.n_virtual, rng)
-    return {}
+    return METHODS[fc.method].trainable(fc)
 
 
 def build_model(base: GPT, fc: FinetuneConfig) -> GPT:
-    """A new GPT: a copy of the base's parameters plus the method's, seeded by fc.seed.
-    The base model is not modified."""
+    """A new GPT: a copy of the base's parameters plus the method's (seeded by fc.seed), with the
+    method's parts attached. The base model is not modified."""
+    method = METHODS[fc.method]
     rng = np.random.default_rng([fc.seed, 7])
     params = {k: v.copy() for k, v in base.params.items()}
-    params.update(method_params(params, base.config, fc, rng))
+    params.update(method.init(params, base.config, fc, rng))
     return GPT(dataclasses.replace(base.config, dropout=fc.dropout), params=params,
-               lora=fc.lora_spec() if fc.method == "lora" else None)
+               parts=method.attach(base.parts, fc))
+
+
+def merged_model(model: GPT, fc: FinetuneConfig) -> GPT:
+    """The plain GPT-2 computing what `model` does, when its method can be folded into the
+    weights (LoRA), else `model` itself. No LoRA cost per token, and decoding's fast path."""
+    merge = METHODS[fc.method].merge
+    return model if merge is None else GPT(model.config, params=merge(model.params, fc))
 
 
 # ------------------------------------------------------------------ files
@@ -176,19 +166,34 @@ def base_identity(params: dict, config) -> dict:
 
 
 def save_adapter(path, model: GPT, names, identity: dict, fc: FinetuneConfig) -> None:
-    """Write the method's tensors (only) with the method, LoRA spec and base identity as metadata."""
-    meta = {"format": FORMAT, "version": VERSION, "method": fc.method,
-            "lora": json.dumps(fc.lora_spec().to_dict() if fc.method == "lora" else None),
+    """Write the method's tensors (only), with the run's FinetuneConfig and the base's identity as metadata."""
+    meta = {"format": FORMAT, "version": VERSION, "method": fc.method, "config": json.dumps(fc.to_dict()),
             "base_sha256": identity["sha256"], "base_shapes": json.dumps(identity["shapes"])}
     save_file({n: np.ascontiguousarray(model.params[n]) for n in names}, path, metadata=meta)
 
 
+def adapter_config(meta: dict, path) -> FinetuneConfig:
+    """The FinetuneConfig an adapter file was trained with, from its metadata.
+
+    Version 1 files recorded only the method and LoRA's spec, which is all the parts need."""
+    if meta.get("version") == "1":
+        lora = json.loads(meta.get("lora", "null"))
+        fields = {} if lora is None else {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
+                                          "lora_dropout": lora["dropout"], "lora_targets": ",".join(lora["targets"])}
+        return FinetuneConfig(method=meta.get("method"), **fields)
+    if meta.get("version") != VERSION:
+        raise TinygenError(f"{path}: fine-tuning file version {meta.get('version')!r}; this tinygen reads 1 and {VERSION}")
+    return FinetuneConfig(**json.loads(meta["config"]))
+
+
 def apply_adapter(base: GPT, path) -> GPT:
-    """A new GPT: `base` plus the tensors of an adapter.safetensors trained on exactly this base."""
+    """A new GPT: `base` plus the tensors of an adapter.safetensors trained on exactly this base,
+    with the parts of the file's method attached."""
     path = os.fspath(path)
     meta = load_metadata(path)
     if meta.get("format") != FORMAT:
         raise TinygenError(f"{path}: not a tinygen fine-tuning file (format {meta.get('format')!r})")
+    fc = adapter_config(meta, path)
     identity = base_identity(base.params, base.config)
     if json.loads(meta.get("base_shapes", "{}")) != identity["shapes"]:
         raise TinygenError(f"{path} was trained on a base with other tensor shapes than this one "
@@ -197,10 +202,8 @@ def apply_adapter(base: GPT, path) -> GPT:
     if meta.get("base_sha256") != identity["sha256"]:
         raise TinygenError(f"{path} was trained on a different base model (sha256 {meta.get('base_sha256', '?')[:12]}..., "
                            f"this base is {identity['sha256'][:12]}...); load it on the base it was trained on")
-    lora = json.loads(meta.get("lora", "null"))
-    params = dict(base.params)
-    params.update(load_file(path))
-    return GPT(base.config, params=params, lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}) if lora else None)
+    params = {**base.params, **load_file(path)}
+    return GPT(base.config, params=params, parts=METHODS[fc.method].attach(base.parts, fc))
 
 
 def is_finetuned_run(run_dir) -> bool:
@@ -211,22 +214,19 @@ def load_run(run_dir, base_dir=None, merged=False) -> GPT:
     """The fine-tuned model of RUN_DIR: a whole model (full), or its base + adapter.safetensors.
 
     base_dir overrides the base path recorded in finetune.json (a moved base).
-    merged=True folds LoRA into the weights: a plain GPT-2, which every decoding
-    path (decode.decode_step included) handles.
+    merged=True folds a method that can be folded (LoRA) into the weights: a
+    plain GPT-2, which every decoding path (kv_decoding.decode_step included) handles.
     """
     run_dir = os.fspath(run_dir)
     info = read_json(os.path.join(run_dir, FINETUNE_FILE), what="fine-tuning description")
-    if info.get("method") == "full":
-        return load_model(run_dir)
+    fc = FinetuneConfig(**info["config"])
+    if METHODS[fc.method].whole_model:
+        return GPT.from_pretrained(run_dir)
     base_dir = base_dir or info.get("base")
     if not base_dir or not os.path.isdir(base_dir):
         raise TinygenError(f"{run_dir}: its base {base_dir!r} is not a directory; pass the base's run directory")
-    model = apply_adapter(load_model(base_dir), os.path.join(run_dir, ADAPTER_FILE))
-    if merged and model.lora is not None:
-        from .lora import merge
-
-        model = GPT(model.config, params=merge(model.params, model.lora))
-    return model
+    model = apply_adapter(GPT.from_pretrained(base_dir), os.path.join(run_dir, ADAPTER_FILE))
+    return merged_model(model, fc) if merged else model
 
 
 def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: dict) -> None:
@@ -243,8 +243,6 @@ def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: 
 # ------------------------------------------------------------------ the run
 def load_examples(data: str, tasks=()) -> dict:
     """{"train", "val", "test": [Example]} of "builtin" or a JSONL file, restricted to `tasks`."""
-    from .tasks import TASKS, builtin_examples, read_jsonl, split_examples
-
     splits = builtin_examples(tasks or TASKS) if data == "builtin" else split_examples(read_jsonl(data))
     if tasks:
         present = sorted({e.task for e in splits["train"]})
@@ -265,15 +263,9 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     `encoded` ({"train", "val": [Encoded]}, made for this model's capacity)
     skips tokenizing them.
     """
-    from .evaluate import capacity, evaluate_tasks
-    from .lora import merge
-    from .tasks import batches, encode_examples, make_batch
-    from ..tokenizer.tokenizer import Tokenizer
-    from ..train import train
-
     if os.path.abspath(base_dir) == os.path.abspath(out_dir):
         raise TinygenError(f"--out {out_dir} is the base run directory; fine-tuning never writes its base")
-    base, tokenizer = load_model(base_dir), Tokenizer.load_dir(base_dir)
+    base, tokenizer = GPT.from_pretrained(base_dir), Tokenizer.load_dir(base_dir)
     splits = splits or load_examples(data, fc.task_list())
     model = build_model(base, fc)
     pad = tokenizer.eot_id
@@ -284,20 +276,17 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     val_batches = [make_batch(val_enc[i:i + B], pad) for i in range(0, min(len(val_enc), B * fc.eval_batches), B)]
     identity = base_identity(base.params, base.config)
     write_run_files(out_dir, base_dir, fc, data, identity)
-    is_trainable = trainable(fc)
     added = [n for n in model.params if n not in base.params]
-    if fc.method == "full":
+    if METHODS[fc.method].whole_model:
         save_weights = model.save_pretrained
     else:
         def save_weights(directory):
             save_adapter(os.path.join(directory, ADAPTER_FILE), model, added, identity, fc)
     result = train(model, batches(train_enc, B, pad, fc.seed), fc.train_config(base.config), out_dir,
-                   val_batches=val_batches, trainable=is_trainable, resume=resume, save_weights=save_weights,
+                   val_batches=val_batches, trainable=trainable(fc), resume=resume, save_weights=save_weights,
                    progress=progress, log=log)
     if result.interrupted:
         return {"train": result._asdict(), "eval": {}}
-    if fc.method == "lora":  # evaluate the merged model: the same function, no LoRA cost per token
-        model = GPT(model.config, params=merge(model.params, model.lora))
-    scores = evaluate_tasks(model, tokenizer, splits["test"], fc.eval_examples)
+    scores = evaluate_tasks(merged_model(model, fc), tokenizer, splits["test"], fc.eval_examples)
     atomic_write_json(os.path.join(out_dir, "eval.json"), {"split": "test", "tasks": scores})
     return {"train": result._asdict(), "eval": scores}

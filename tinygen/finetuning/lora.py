@@ -8,6 +8,10 @@ so at initialisation the model computes exactly what its base computes.
 After training, `merge` folds the update into the weight, w' = w + s A B,
 and the model is again a plain GPT-2 with no extra cost per token.
 
+In the model, LoRA is a linear part (tinygen.parts): `lora_linear(spec, base)`
+computes the layer below on the target projections and leaves the others to
+the `base` part.
+
 Names: the update of `h.0.attn.c_attn.weight` is stored as
 `h.0.attn.c_attn.lora_A` (C_in, r) and `h.0.attn.c_attn.lora_B` (r, N), in
 the same (in, out) orientation as GPT-2's Conv1D weights, so the code reads
@@ -18,14 +22,27 @@ x @ A @ B. Hugging Face PEFT stores torch Linear weights (out, in): its
 Shapes: C_in input width, N output width, r rank; x is (..., C_in).
 """
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from ..errors import TinygenError
+from ..config import POSITIVE, PROBABILITY, number, option, validate
 from ..layers import dropout_mask
+from ..parts import Part
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # PEFT-style module names; "c_proj" means both attn.c_proj and mlp.c_proj
+
+
+def subset_of(choices) -> Callable:
+    """A check: a non-empty tuple of names among `choices`.
+
+    >>> subset_of(TARGETS)(("c_fc",)), subset_of(TARGETS)(("q_proj",))
+    (None, "a non-empty tuple of names among 'c_attn', 'c_proj', 'c_fc'")
+    """
+    def check(value):
+        ok = isinstance(value, tuple) and value and all(v in choices for v in value)
+        return None if ok else "a non-empty tuple of names among " + ", ".join(map(repr, choices))
+    return check
 
 
 @dataclass(frozen=True)
@@ -33,31 +50,29 @@ class LoraSpec:
     """LoRA's hyperparameters: rank r, alpha (the update is scaled by alpha / r),
     dropout on the update's input, and the target projections by name."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple = ("c_attn",)
+    rank: int = option(8, "rank r of each update A B", POSITIVE)
+    alpha: float = option(16.0, "the update is scaled by alpha / r", number(0.0, low_open=True))
+    dropout: float = option(0.0, "dropout on the update's input", PROBABILITY)
+    targets: tuple = option(("c_attn",), "the projections adapted, among c_attn, c_proj (both), c_fc",
+                            subset_of(TARGETS))
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-            raise TinygenError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise TinygenError(f"LoraSpec.alpha must be a positive number, got {self.alpha!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise TinygenError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        bad = [t for t in targets if t not in TARGETS]
-        if bad or not targets:
-            raise TinygenError(f"LoraSpec.targets must be a non-empty subset of {TARGETS}, got {self.targets!r}")
-        object.__setattr__(self, "targets", targets)
+        if isinstance(self.targets, (str, list)):  # "c_fc" or ["c_fc"] -> ("c_fc",)
+            object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+        validate(self)
 
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
-    def to_dict(self) -> dict:
-        return {"rank": int(self.rank), "alpha": float(self.alpha), "dropout": float(self.dropout),
-                "targets": list(self.targets)}
+
+def is_target(name: str, targets) -> bool:
+    """Whether the projection NAME is one LoRA adapts: its last name part is a target.
+
+    >>> is_target("h.0.mlp.c_proj", ("c_proj",)), is_target("h.0.mlp.c_fc", ("c_proj",))
+    (True, False)
+    """
+    return name.rsplit(".", 1)[-1] in targets
 
 
 def target_weights(params: dict, targets) -> list:
@@ -67,7 +82,7 @@ def target_weights(params: dict, targets) -> list:
     ['h.0.attn.c_attn.weight']
     """
     return [k for k in params if k.startswith("h.") and k.endswith(".weight")
-            and k.split(".")[-2] in targets]
+            and is_target(k[: -len(".weight")], targets)]
 
 
 def init_lora(params: dict, spec: LoraSpec, rng: np.random.Generator) -> dict:
@@ -136,6 +151,37 @@ def lora_linear_backward(dout, cache):
     dw = x.reshape(-1, x.shape[-1]).T @ d2  # (C_in, N)
     db = d2.sum(axis=0)
     return dx, dw, db, dA, dB
+
+
+# ------------------------------------------------------------------ the linear part
+class LoraPartCache(NamedTuple):
+    name: str  # the projection, "h.0.attn.c_attn"
+    lora: Optional[LoraCache]  # on a target projection: the LoRA layer's cache, else None
+    base: Optional[tuple]  # on any other projection: the base part's cache, else None
+
+
+def lora_linear(spec: LoraSpec, base: Part) -> Part:
+    """The linear part with LoRA: x @ W + b + s drop(x) @ A @ B on spec.targets, `base` on the rest.
+
+    On a target NAME it reads NAME.weight, .bias, .lora_A, .lora_B and returns
+    all four gradients (the frozen base's too: the optimizer skips them).
+    """
+    def forward(x, params, name, ctx):
+        if not is_target(name, spec.targets):
+            out, cache = base.forward(x, params, name, ctx)
+            return out, LoraPartCache(name, None, cache)
+        out, lora = lora_linear_forward(x, params[name + ".weight"], params[name + ".bias"], params[name + ".lora_A"],
+                                        params[name + ".lora_B"], spec.scale, spec.dropout, ctx.rng)
+        return out, LoraPartCache(name, lora, None)
+
+    def backward(dout, cache):
+        if cache.lora is None:
+            return base.backward(dout, cache.base)
+        dx, dw, db, dA, dB = lora_linear_backward(dout, cache.lora)
+        n = cache.name
+        return dx, {n + ".weight": dw, n + ".bias": db, n + ".lora_A": dA, n + ".lora_B": dB}
+
+    return Part(forward, backward)
 
 
 def merge(params: dict, spec: LoraSpec) -> dict:

@@ -9,11 +9,18 @@ As in Hugging Face PEFT for GPT-2, the virtual tokens take positions
 The model drops the virtual positions before the LM head: their logits
 would predict nothing, and the caller's logits stay (B, T, V).
 
+In the model, prompt tuning is an embed part (tinygen.parts):
+`prompt_embed(base)` prepends P to what the `base` embed part returns, on
+a call that starts at position 0 (when decoding with a KV cache, later
+calls find the virtual tokens' keys and values already in the cache).
+
 Shapes: B batch, T real tokens, n virtual tokens, C width.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
+
+from ..parts import Part
 
 NAME = "prompt.weight"
 
@@ -47,3 +54,29 @@ def prompt_backward(dx, cache):
     """
     n = cache.n
     return dx[:, n:].copy(), dx[:, :n].sum(axis=0)
+
+
+# ------------------------------------------------------------------ the embed part
+class PromptPartCache(NamedTuple):
+    base: tuple  # the base embed part's cache: idx (B,T) -> tok (B,T,C)
+    prompt: Optional[PromptCache]  # None on a decoding call after the first (nothing prepended)
+
+
+def prompt_embed(base: Part) -> Part:
+    """The embed part with n virtual tokens: [prompt.weight ; base(idx)] (B, n + T, C)."""
+    def forward(idx, params, name, ctx):
+        tok, base_cache = base.forward(idx, params, name, ctx)  # (B,T,C)
+        if ctx.start > 0:  # decoding: the virtual tokens are already in the KV cache
+            return tok, PromptPartCache(base_cache, None)
+        x, prompt = prompt_forward(tok, params[NAME])  # (B,n+T,C)
+        return x, PromptPartCache(base_cache, prompt)
+
+    def backward(dx, cache):
+        if cache.prompt is None:
+            return base.backward(dx, cache.base)
+        dtok, dprompt = prompt_backward(dx, cache.prompt)  # (B,T,C), (n,C)
+        _, grads = base.backward(dtok, cache.base)
+        grads[NAME] = dprompt
+        return None, grads
+
+    return Part(forward, backward)

@@ -17,14 +17,16 @@ makes the rename itself durable. If the body of the write raises, the temp
 file is removed and the old file is untouched. After SIGKILL or a power loss
 a stray `.{name}.tmp-*` file may remain; it is never read and can be deleted.
 
->>> atomic_write_json("run/config.json", {"n_layer": 2})   # doctest: +SKIP
->>> read_json("run/config.json", what="run config")        # doctest: +SKIP
+>>> atomic_write_json("config.json", {"n_layer": 2})
+>>> read_json("config.json", what="run config")
 {'n_layer': 2}
 """
 import contextlib
 import json
 import os
 import secrets
+
+import numpy as np
 
 from ..errors import TinygenError
 
@@ -78,9 +80,11 @@ def atomic_open(path, mode: str = "wb"):
     the temp file is deleted, `path` is left as it was, and the exception
     propagates.
 
-    >>> with atomic_open("weights.bin") as f:   # doctest: +SKIP
-    ...     for chunk in chunks:
-    ...         f.write(chunk)                   # old weights.bin still intact here
+    >>> with atomic_open("weights.bin") as f:
+    ...     for chunk in [b"ab", b"cd"]:
+    ...         n = f.write(chunk)               # an old weights.bin would still be intact here
+    >>> open("weights.bin", "rb").read()
+    b'abcd'
     """
     if mode not in ("wb", "w"):
         raise TinygenError(f"atomic_open mode {mode!r}: expected 'wb' or 'w'")
@@ -103,7 +107,9 @@ def atomic_open(path, mode: str = "wb"):
 def atomic_write_bytes(path, data: bytes) -> None:
     """Replace `path` with `data` atomically.
 
-    >>> atomic_write_bytes("ids.bin", b"\\x01\\x02")   # doctest: +SKIP
+    >>> atomic_write_bytes("ids.bin", b"\\x01\\x02")
+    >>> open("ids.bin", "rb").read()
+    b'\\x01\\x02'
     """
     with atomic_open(path, "wb") as f:
         f.write(data)
@@ -112,7 +118,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Replace `path` with `text` (UTF-8, newlines written as given) atomically.
 
-    >>> atomic_write_text("notes.txt", "loss 3.2\\n")   # doctest: +SKIP
+    >>> atomic_write_text("notes.txt", "loss 3.2\\n")
+    >>> open("notes.txt", encoding="utf-8").read()
+    'loss 3.2\\n'
     """
     with atomic_open(path, "w") as f:
         f.write(text)
@@ -121,11 +129,19 @@ def atomic_write_text(path, text: str) -> None:
 def atomic_write_json(path, obj, sort_keys: bool = False) -> None:
     """Replace `path` with `obj` as JSON: indent=2, UTF-8, one trailing newline.
 
-    >>> atomic_write_json("config.json", {"b": 1, "a": [1, 2]}, sort_keys=True)  # doctest: +SKIP
-    # config.json now holds '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 1\\n}\\n'
+    >>> atomic_write_json("config.json", {"b": 1, "a": [1, 2]}, sort_keys=True)
+    >>> open("config.json", encoding="utf-8").read()
+    '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 1\\n}\\n'
     """
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=_numpy_scalar)
     atomic_write_text(path, text + "\n")
+
+
+def _numpy_scalar(value):
+    """JSON for a NumPy scalar, which a config may hold (configs accept np.int64(5)): its Python value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def read_json(path, what: str = "JSON file"):
@@ -135,8 +151,13 @@ def read_json(path, what: str = "JSON file"):
     "run config run/config.json is not valid JSON: line 3 column 1: ...".
     A missing file raises FileNotFoundError as usual.
 
-    >>> read_json("config.json", what="model config")   # doctest: +SKIP
+    >>> atomic_write_text("config.json", '{"a": [1, 2], "b": 1}')
+    >>> read_json("config.json", what="model config")
     {'a': [1, 2], 'b': 1}
+    >>> atomic_write_text("config.json", '{"a": [1, 2],')
+    >>> read_json("config.json", what="model config")
+    Traceback (most recent call last):
+    tinygen.errors.TinygenError: model config config.json is not valid JSON: line 1 column 14: ...
     """
     path = os.fspath(path)
     with open(path, "rb") as f:

@@ -9,9 +9,21 @@ forward+backward with the defaults, 70 ms with the thresholds raised; on M,
 1.51 s -> 1.21 s. Nothing in the math changes.
 
 `reuse_freed_memory()` raises the thresholds with mallopt(3) for this
-process. It is called by the training loop and the command line; call it
-yourself when you drive the model from your own loop. Peak memory is
-unchanged: freed blocks are reused, not added to.
+process. Peak memory is unchanged: freed blocks are reused, not added to.
+
+Who calls it: the `tinygen` command (tinygen.cli.main), which owns its
+process. The library never does, not even `tinygen.train.train`: the
+setting is process-wide and cannot be undone (glibc has no way to read the
+thresholds back, and setting one turns off malloc's own adjustment of it for
+good), so a library that applied it would change the allocator of whoever
+imported it, say a test process using tinygen as an oracle. A program that
+drives tinygen's training loop itself opts in with one call at its start:
+
+    import tinygen
+    tinygen.reuse_freed_memory()    # this process only, for the rest of its life
+
+Not calling it costs speed, never a result: docs/performance.md has the
+measurement (benchmarks/bench_train.py --malloc both).
 """
 import ctypes
 import ctypes.util

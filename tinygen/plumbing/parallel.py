@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from ..errors import TinygenError
+from ..config import POSITIVE, require
 
 # (set, get) symbol pairs of the OpenBLAS builds NumPy ships or links against:
 # plain, 64-bit-integer interface, and the scipy-openblas wheels' prefixed names.
@@ -134,9 +134,7 @@ class Workers:
     def __init__(self, n: Optional[int] = None):
         if n is None:
             n = default_workers()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise TinygenError(f"Workers needs a positive number of threads, got {n!r}")
-        self.n = int(n)
+        self.n = int(require("Workers n (threads)", n, POSITIVE))
         self._blas = openblas_threads_api() if self.n > 1 else None
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="tinygen-worker") if self.n > 1 else None
 

@@ -17,6 +17,7 @@ import math
 import numbers
 from xml.sax.saxutils import escape
 
+from ..config import POSITIVE, require
 from ..errors import TinygenError
 from .fileio import atomic_write_text
 
@@ -35,6 +36,7 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     >>> nice_ticks(2.8, 11.2)
     [4.0, 6.0, 8.0, 10.0]
     """
+    require("nice_ticks target", target, POSITIVE)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise TinygenError(f"nice_ticks needs finite bounds lo < hi, got ({lo}, {hi})")
     step = _nice_step((hi - lo) / target)

@@ -4,15 +4,23 @@ On a terminal it redraws one line in place (carriage return); elsewhere
 (CI logs, pipes) it prints a plain line at most every `every_s` seconds, so
 logs stay readable.
 
->>> p = Progress(total=100, desc="merges", unit="merge", stream=io.StringIO())
->>> p.update(50, loss=1.25)    # "merges  50/100  50%  1.2k merge/s  ETA 0s  loss 1.25"
+>>> import io
+>>> out = io.StringIO()                   # not a terminal: plain lines
+>>> p = Progress(total=100, desc="merges", unit="merge", stream=out)
+>>> p.update(50, loss=1.25)
+>>> print(out.getvalue(), end="")
+merges  50/100  50%  ... merge/s  ETA ...  elapsed 0s  loss 1.25
 """
 import sys
 import time
 
 
 def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    """Seconds as text, down to whole seconds.
+
+    >>> format_duration(3725), format_duration(65), format_duration(4.2)
+    ('1h02m05s', '1m05s', '4s')
+    """
     seconds = int(round(max(seconds, 0.0)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -24,7 +32,11 @@ def format_duration(seconds: float) -> str:
 
 
 def format_rate(rate: float) -> str:
-    """12345.6 -> '12.3k', 5.0 -> '5.00', 0.01 -> '0.010'."""
+    """A rate in about three significant digits.
+
+    >>> format_rate(12345.6), format_rate(5.0), format_rate(0.01)
+    ('12.3k', '5.00', '0.010')
+    """
     for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if rate >= threshold:
             return f"{rate / threshold:.1f}{suffix}"

@@ -1,7 +1,7 @@
 """Other tokenizers' vocabulary files, read into tinygen's ranks: tiktoken's and GPT-2's.
 
 A rank table maps each token's bytes to its id, which is also its merge
-priority (tinygen.bpe). tiktoken stores it directly, one "base64-token rank"
+priority (tinygen.tokenizer.bpe). tiktoken stores it directly, one "base64-token rank"
 line per token; GPT-2 stores vocab.json (token text -> id) and merges.txt
 (one "left right" merge per line, in rank order), with the bytes written
 through a byte-to-printable-character map (`gpt2_byte_chars`).

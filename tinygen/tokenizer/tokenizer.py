@@ -1,7 +1,7 @@
 """The tokenizer: text <-> token ids by byte-level BPE, with special tokens and file formats.
 
 Text is split into chunks by a regex (GPT-2's or GPT-4's pattern, or yours), each
-chunk's UTF-8 bytes are encoded by BPE (`tinygen.bpe`), and the ids are joined.
+chunk's UTF-8 bytes are encoded by BPE (`tinygen.tokenizer.bpe`), and the ids are joined.
 Special tokens such as "<|endoftext|>" are matched before the split and never
 come out of ordinary text. Semantics follow tiktoken, so GPT-2's files and
 cl100k's rank file encode token for token as OpenAI's tokenizers do.
@@ -77,7 +77,7 @@ class Tokenizer:
 
         `text` is a str or an iterable of documents (chunks never span documents);
         special-token strings in it are cut out, not learned. Ties between pairs
-        of equal count go to the smallest (left id, right id); see `tinygen.bpe`.
+        of equal count go to the smallest (left id, right id); see `tinygen.tokenizer.bpe`.
         Too little text for `vocab_size`: stops early with a warning.
         `progress` is a `Progress` (its `.update(done)`) or a callable (done, total).
         """
@@ -114,7 +114,7 @@ class Tokenizer:
         return list(chain.from_iterable(self._blocks(text)))
 
     def _blocks(self, text):
-        """Lists of chunks for consecutive stretches of `text` (see pretokenize.splitter)."""
+        """Lists of chunks for consecutive stretches of `text` (see split.splitter)."""
         blocks = self._splitter(text)
         if not self._covers and sum(map(len, blocks[0])) != len(text):
             raise TinygenError("the split pattern skipped characters of the text; a custom pattern must "

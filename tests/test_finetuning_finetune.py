@@ -14,8 +14,9 @@ from tinygen.checkpoint import TRAIN_STATE, load_train_state
 from tinygen.cli.main import build_parser
 from tinygen.errors import TinygenError
 from tinygen.finetuning.finetune import (ADAPTER_FILE, FinetuneConfig, apply_adapter, base_identity, build_model, load_run,
-                              run, trainable)
-from tinygen.finetuning.lora import merge
+                                         merged_model, run, trainable)
+from tinygen.parts import GPT2
+from tinygen.plumbing.safetensors import load_file, load_metadata, save_file
 from tinygen.finetuning.tasks import Example, encode_examples, make_batch, write_jsonl
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
@@ -106,13 +107,36 @@ def test_lora_run_loads_and_merges(setup):
     out = root / "lora-merge"
     run(base, data, out, FinetuneConfig(method="lora", lr=2e-2, **FAST), progress=False, log=lambda m: None)
     model = load_run(out)
-    assert model.lora is not None and any(k.endswith(".lora_B") and model.params[k].any() for k in model.params)
-    merged = GPT(model.config, params=merge(model.params, model.lora))
+    assert model.parts.linear is not GPT2.linear and model.parts._replace(linear=GPT2.linear) == GPT2
+    assert any(k.endswith(".lora_B") and model.params[k].any() for k in model.params)
+    fc = FinetuneConfig(**json.load(open(out / "finetune.json"))["config"])
+    merged = merged_model(model, fc)
+    assert merged.parts == GPT2 and not any(".lora_" in k for k in merged.params)
     idx = np.array([[97, 98, 99, 58]])
     np.testing.assert_allclose(merged.forward(idx), model.forward(idx), rtol=1e-4, atol=1e-5)
     plain = load_run(out, merged=True)
-    assert plain.lora is None and not any(".lora_" in k for k in plain.params)
+    assert plain.parts == GPT2 and set(plain.params) == set(merged.params)
     np.testing.assert_allclose(plain.forward(idx), model.forward(idx), rtol=1e-4, atol=1e-5)
+    adapters = build_model(model, FinetuneConfig(method="adapter"))
+    assert merged_model(adapters, FinetuneConfig(method="adapter")) is adapters  # adapters cannot be folded in
+
+
+def test_version_1_adapter_files_still_load(setup, tmp_path):
+    """Files written before the metadata held the whole FinetuneConfig (method + LoRA spec only)."""
+    root, base, data = setup
+    out = root / "lora-v1"
+    fc = FinetuneConfig(method="lora", lora_rank=3, lora_alpha=6.0, lora_targets="c_fc", **{**FAST, "max_steps": 2})
+    run(base, data, out, fc, progress=False, log=lambda m: None)
+    meta = load_metadata(out / ADAPTER_FILE)
+    old = {k: v for k, v in meta.items() if k != "config"}
+    old.update(version="1", lora=json.dumps({"rank": 3, "alpha": 6.0, "dropout": 0.0, "targets": ["c_fc"]}))
+    save_file(load_file(out / ADAPTER_FILE), tmp_path / ADAPTER_FILE, metadata=old)
+    a, b = apply_adapter(GPT.from_pretrained(base), out / ADAPTER_FILE), apply_adapter(GPT.from_pretrained(base), tmp_path / ADAPTER_FILE)
+    idx = np.array([[97, 98, 99, 58]])
+    assert np.array_equal(a.forward(idx), b.forward(idx))
+    save_file(load_file(out / ADAPTER_FILE), tmp_path / ADAPTER_FILE, metadata={**meta, "version": "9"})
+    with pytest.raises(TinygenError, match="version '9'"):
+        apply_adapter(GPT.from_pretrained(base), tmp_path / ADAPTER_FILE)
 
 
 def test_resume_equals_uninterrupted(setup):
@@ -137,11 +161,23 @@ def test_build_model_copies_and_freeze_predicates():
     assert base_identity(base.params, CONFIG) == base_identity(build_model(base, FinetuneConfig()).params, CONFIG)
 
 
-def test_config_validation():
-    with pytest.raises(TinygenError, match="method"):
-        FinetuneConfig(method="qlora")
-    with pytest.raises(TinygenError, match="LoraSpec.targets"):
-        FinetuneConfig(method="lora", lora_targets="q_proj")
+@pytest.mark.parametrize("field, value", [
+    ("method", "qlora"), ("lora_targets", "q_proj"), ("lora_targets", ""), ("batch_size", True), ("batch_size", 0),
+    ("lora_rank", 2.0), ("lora_alpha", 0.0), ("lora_dropout", 1.0), ("freeze_layers", -1), ("freeze_embeddings", 1),
+    ("lr", 0.0), ("tasks", None), ("weight_decay", -0.1), ("workers", np.int64(-1)),
+])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(TinygenError, match=f"FinetuneConfig.{field} must be"):
+        FinetuneConfig(**{field: value})
+
+
+def test_config_help_text_is_the_fields_own(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, help in [("--lora-rank", "lora: rank r of each update A B (default: 8)"),
+                       ("--lr", "None picks the method's: full 0.001, lora 0.003, adapter 0.003, prompt 0.03")]:
+        assert flag in text and help in text, (flag, help)
 
 
 def test_command_line_finetune_and_resume(setup, capsys):

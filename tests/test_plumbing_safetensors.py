@@ -1,4 +1,5 @@
-"""safetensors and atomic writes: roundtrips, known bytes, validation, fuzzing, crashes."""
+"""safetensors with NumPy alone: roundtrips, known bytes, validation, fuzzing, saves that
+crash or are killed leave the old file (atomic writes themselves: tests/test_plumbing_fileio.py)."""
 import json
 import os
 import signal
@@ -14,8 +15,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinygen
-from tinygen.errors import TinygenError
-from tinygen.plumbing.fileio import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from tinygen.plumbing.safetensors import (
     DTYPES, SafetensorsError, TensorInfo, load_file, load_metadata, read_header, save_file,
 )
@@ -273,7 +272,7 @@ def test_deeply_nested_json_header():
     loads_or_clean_error(file_bytes(b"{" + b'"a":[' * 100_000))
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- crashes during a save
 
 
 def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -292,19 +291,6 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         save_file({"w": np.zeros(1000, np.float32)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
-
-
-def test_ctrl_c_during_atomic_open(tmp_path):
-    path = tmp_path / "state.json"
-    atomic_write_text(path, "old\n")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_open(path, "w") as f:
-            f.write("new, half written")
-            temps = [p.name for p in tmp_path.iterdir() if p.name.startswith(".state.json.tmp-")]
-            assert len(temps) == 1  # the temp file sits next to its target
-            raise KeyboardInterrupt
-    assert path.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 CHILD = """
@@ -330,22 +316,6 @@ def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path):
         child.wait()
     w = load_file(path)["w"]  # either version, complete: never a torn file
     assert w.shape == (1_000_000,) and w.min() == w.max() >= 2
-
-
-def test_atomic_write_json_format_and_read_json(tmp_path):
-    atomic_write_json(tmp_path / "c.json", {"b": 1, "a": [1, 2], "é": "ü"}, sort_keys=True)
-    assert (tmp_path / "c.json").read_text("utf-8") == (
-        '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1,\n  "é": "ü"\n}\n')
-    assert read_json(tmp_path / "c.json") == {"a": [1, 2], "b": 1, "é": "ü"}
-    atomic_write_bytes(tmp_path / "c.json", b'{"a": 1,\n')
-    with pytest.raises(TinygenError, match=r"run config .*c\.json is not valid JSON: line 2"):
-        read_json(tmp_path / "c.json", what="run config")
-
-
-def test_atomic_open_rejects_other_modes(tmp_path):
-    with pytest.raises(TinygenError, match="expected 'wb' or 'w'"):
-        with atomic_open(tmp_path / "x", "ab"):
-            pass
 
 
 # ---------------------------------------------------------------- the reference implementation

@@ -1,50 +1,53 @@
-"""The gradient checker itself and the `tinygen gradcheck` command: pass path,
-failure path (a deliberately wrong backward), and the checker's own claims."""
+"""The gradient checker (its claims: the stencil, the floor, restoring inputs, float64 only)
+and its table of cases: every layer pair of the table passes over hypothesis-drawn shapes.
+The command that prints the table is tests/test_cli_gradcheck.py."""
 import numpy as np
 import pytest
+from hypothesis import example, given, strategies as st
 
-import tinygen.cli.gradcheck as gradcheck_command
-from tinygen.cli import main
-from tinygen.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward
 from tinygen.gradient_check import (
-    EPS, FLOOR, THRESHOLD, check_layer, gradcheck, numerical_gradient, pick_coords, relative_errors,
+    EPS, FLOOR, THRESHOLD, block_check, check_layer, finetuning_model_check, gradcheck, layer_cases,
+    numerical_gradient, pick_coords, relative_errors,
 )
+from tinygen.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward
+
+CASES = [case.name for case in layer_cases(np.random.default_rng(0))]
+dims = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 8))  # B, T, C: T=1, B=1 included
 
 
-def table_rows(out):
-    """The result rows of the printed table: lines ending in pass or FAIL."""
-    return [line for line in out.splitlines() if line.endswith((" pass", " FAIL"))]
+# ------------------------------------------------------------ the table of cases
+@pytest.mark.parametrize("name", CASES)
+@given(dims=dims, seed=st.integers(0, 2**16))
+@example(dims=(1, 1, 1), seed=0).via("T=1, B=1, C=1")
+@example(dims=(1, 1, 4), seed=1).via("T=1, B=1, one head of width 2")
+@example(dims=(3, 5, 8), seed=2).via("largest")
+def test_every_case_of_the_table_matches_finite_differences(name, dims, seed):
+    B, T, C = dims
+    (case,) = [c for c in layer_cases(np.random.default_rng(seed), B, T, C) if c.name == name]
+    errors = check_layer(case.forward, case.backward, case.args, case.kwargs, case.names, max_coords=24, seed=seed)
+    assert list(errors) == case.names and max(errors.values()) < THRESHOLD, errors
 
 
-def test_cli_gradcheck_passes_every_row(capsys):
-    assert main(["gradcheck"]) == 0
-    out = capsys.readouterr().out
-    rows = table_rows(out)
-    layers = {row.split("  ")[0].strip() for row in rows}
-    assert {"linear", "embedding", "layernorm", "gelu", "causal attention", "cross-entropy",
-            "transformer block", "GPT (whole model)"} <= layers
-    assert len(rows) > 40 and all(row.endswith(" pass") for row in rows)
-    assert f"{len(rows)}/{len(rows)} passed" in out
+def test_every_float_argument_of_a_case_is_named_and_checked():
+    for case in layer_cases(np.random.default_rng(0), 2, 3, 4):
+        floats = [a for a in case.args if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+        assert len(floats) == len(case.names), case.name
+        assert len(case.backward(np.ones_like(case.forward(*case.args, **case.kwargs)[0]), case.forward(
+            *case.args, **case.kwargs)[1])) == len(case.names), case.name
 
 
-def test_cli_gradcheck_reports_a_wrong_backward(monkeypatch, capsys):
-    def wrong_gelu_backward(dout, cache):
-        (dx,) = gelu_backward(dout, cache)
-        return (dx * 1.001,)  # 0.1% off: far above the threshold
-
-    monkeypatch.setattr(gradcheck_command, "gelu_backward", wrong_gelu_backward)
-    assert main(["gradcheck", "--max-coords", "8"]) == 1
-    captured = capsys.readouterr()
-    rows = table_rows(captured.out)
-    failed = [row for row in rows if row.endswith(" FAIL")]
-    assert len(failed) == 1 and failed[0].startswith("gelu ")
-    assert f"{len(rows) - 1}/{len(rows)} passed" in captured.out
-    assert "1 gradient(s) disagree" in captured.err
+@pytest.mark.parametrize("B, T, C, n_head", [(2, 5, 8, 2), (1, 1, 4, 1), (2, 3, 6, 3)])
+def test_block_check_covers_x_and_all_twelve_parameters(B, T, C, n_head):
+    errors = block_check(np.random.default_rng(0), B, T, C, n_head, max_coords=16)
+    assert len(errors) == 13 and errors["x"] < THRESHOLD and max(errors.values()) < THRESHOLD, errors
 
 
-def test_cli_threshold_flag(capsys):
-    assert main(["gradcheck", "--max-coords", "4", "--threshold", "1e-30"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+def test_finetuning_model_check_covers_every_method():
+    errors = finetuning_model_check(max_coords=4)
+    assert any(".lora_" in k for k in errors) and any(".adapter_" in k for k in errors) and "prompt.weight" in errors
+    assert max(e for _, e in errors.values()) < THRESHOLD
+
+
 
 
 # ------------------------------------------------------------ the checker itself

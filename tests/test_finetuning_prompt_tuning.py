@@ -1,5 +1,5 @@
-"""Prompt tuning: the concat pair against finite differences, virtual positions carry
-no logits and no loss, the context limit counts them, and KV-cache decoding agrees."""
+"""Prompt tuning: the concat pair and the embed part against finite differences, virtual
+positions carry no logits and no loss, the context limit counts them, and KV-cache decoding agrees."""
 import dataclasses
 import numpy as np
 import pytest
@@ -8,8 +8,9 @@ from hypothesis import given, settings, strategies as st
 from tinygen import GPT, GPTConfig, KVCache
 from tinygen.errors import TinygenError
 from tinygen.model import gpt_forward
-from tinygen.gradient_check import THRESHOLD, check_layer, check_model
-from tinygen.finetuning.prompt_tuning import NAME, init_prompt, prompt_backward, prompt_forward
+from tinygen.gradient_check import THRESHOLD, check_layer, check_model, check_part
+from tinygen.finetuning.prompt_tuning import NAME, init_prompt, prompt_backward, prompt_embed, prompt_forward
+from tinygen.parts import GPT2, TOKEN_EMBEDDING, make_context
 
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
 
@@ -23,10 +24,36 @@ def test_prompt_gradients(B, T, C, n, seed):
     assert max(errors.values()) < THRESHOLD, errors
 
 
+@settings(max_examples=10)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(0, 1000))
+def test_prompt_embed_part_gradients(B, T, n, seed):
+    """Both the virtual tokens and the token rows read get their gradients (ids get none)."""
+    rng = np.random.default_rng(seed)
+    params = {**GPT(CONFIG, seed=seed).params, NAME: rng.standard_normal((n, CONFIG.n_embd))}
+    idx = rng.integers(0, CONFIG.vocab_size, (B, T))
+    x, _ = prompt_embed(TOKEN_EMBEDDING).forward(idx, params, "wte", make_context(CONFIG))
+    assert x.shape == (B, n + T, CONFIG.n_embd)
+    errors = check_part(prompt_embed(TOKEN_EMBEDDING), idx, params, "wte", make_context(CONFIG))
+    assert set(errors) == {NAME, "wte.weight"}
+    assert max(errors.values()) < THRESHOLD, errors
+
+
+def test_prompt_embed_part_prepends_nothing_after_the_first_decoding_call():
+    params = {**GPT(CONFIG).params, NAME: np.ones((2, CONFIG.n_embd))}
+    ctx = make_context(CONFIG)._replace(start=3)
+    x, cache = prompt_embed(TOKEN_EMBEDDING).forward(np.array([[4]]), params, "wte", ctx)
+    assert np.array_equal(x, params["wte.weight"][[[4]]])
+    _, grads = prompt_embed(TOKEN_EMBEDDING).backward(np.ones_like(x), cache)
+    assert set(grads) == {"wte.weight"}
+
+
+PROMPT_PARTS = GPT2._replace(embed=prompt_embed(GPT2.embed))
+
+
 def prompt_model(n=3, seed=0):
     base = GPT(CONFIG, seed=seed)
     params = {**base.params, **init_prompt(base.params["wte.weight"], n, np.random.default_rng(seed))}
-    return base, GPT(CONFIG, params=params)
+    return base, GPT(CONFIG, params=params, parts=PROMPT_PARTS)
 
 
 def test_virtual_positions_are_prepended_and_their_logits_dropped():
@@ -59,7 +86,7 @@ def test_prompt_positions_carry_no_loss():
 def test_context_limit_counts_virtual_tokens():
     _, model = prompt_model(n=3)
     model.forward(np.zeros((1, 5), dtype=np.int64))  # 3 + 5 = 8 = block_size: fine
-    with pytest.raises(TinygenError, match="virtual prompt tokens"):
+    with pytest.raises(TinygenError, match=r"\(3 virtual tokens \+ 6 tokens\) exceed block_size=8"):
         model.forward(np.zeros((1, 6), dtype=np.int64))
 
 

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
-from tinygen.finetuning.lora import LoraSpec, init_lora
+from tinygen.finetuning.lora import LoraSpec, init_lora, lora_linear
 from tinygen.loss import IGNORE
-from tinygen.model import GPT
+from tinygen.gpt import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
 from tinygen.plumbing.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
@@ -62,7 +62,7 @@ def test_workers_run_in_the_callers_numpy_error_state():
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])
 def test_workers_reject_a_bad_count(n):
-    with pytest.raises(TinygenError, match="positive number of threads"):
+    with pytest.raises(TinygenError, match=r"Workers n \(threads\) must be a positive integer"):
         Workers(n)
 
 
@@ -105,7 +105,7 @@ def lora_model(seed=0):
     spec = LoraSpec(rank=2, alpha=4.0, targets=("c_attn", "c_fc"))
     extra = init_lora(base.params, spec, np.random.default_rng(seed))
     extra = {k: (v + 0.1 if k.endswith("lora_B") else v) for k, v in extra.items()}
-    return GPT(base.config, params={**base.params, **extra}, lora=spec)
+    return GPT(base.config, params={**base.params, **extra}, parts=base.parts._replace(linear=lora_linear(spec, base.parts.linear)))
 
 
 @given(st.integers(1, 5), st.integers(1, 2), st.integers(1, 4), st.booleans(), st.data())
@@ -124,7 +124,7 @@ def test_sharded_step_equals_one_stream(B, A, n_workers, with_lora, data):
                          dtype="float64", workers=n_workers)
     with Workers(n_workers) as workers:
         opt = AdamW(model.params, lr=1e-3, workers=workers, trainable=trainable)
-        loss = accumulate_grads(model, opt, workers, (x, y), config, step=0)
+        loss = accumulate_grads(model, opt, (x, y), workers=workers, config=config, step=0)
     assert loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
     assert set(opt.grads) == {k for k in want if trainable is None or trainable(k)}
     for k in opt.grads:

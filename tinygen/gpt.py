@@ -1,0 +1,117 @@
+"""`GPT`: a model as its users hold it, the config, the flat params and the parts.
+
+    model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    logits = model.forward(idx)                          # (B, T, V)
+    loss, grads = model.loss_and_grads(idx, targets)
+    ids = model.generate(idx, 20, temperature=0)         # tinygen.sampling
+    model.save_pretrained("out");  GPT.from_pretrained("out")   # tinygen.checkpoint
+
+The math is model.gpt_forward / gpt_backward; this class checks inputs at
+the boundary and connects the pure functions to sampling and checkpoints,
+which is why it sits above them (they never import it).
+
+Shapes: B batch, T time, V vocabulary.
+"""
+from typing import Optional
+
+import numpy as np
+
+from .checkpoint import load_model, save_model
+from .config import GPTConfig
+from .errors import TinygenError
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .model import KVCache, check_ids, check_params, gpt_backward, gpt_forward, init_params
+from .parts import Parts, make_context, parts_for
+from .sampling import generate
+
+
+class GPT:
+    """A GPT-2 model: `config`, the flat `params` dict and its `parts`.
+
+    parts: None for the plain model of config (model.parts_for); a
+    fine-tuning method passes its own (tinygen.finetuning.methods), and
+    params then also hold the method's tensors.
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0, params: Optional[dict] = None,
+                 parts: Optional[Parts] = None):
+        if not isinstance(config, GPTConfig):
+            raise TinygenError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if parts is not None and not isinstance(parts, Parts):
+            raise TinygenError(f"parts must be a tinygen.parts.Parts, got {type(parts).__name__}")
+        self.config = config
+        self.parts = parts_for(config) if parts is None else parts
+        if params is None:
+            params = init_params(config, np.random.default_rng(seed))
+        else:
+            check_params(params, config)
+            params = {k: np.ascontiguousarray(v, dtype=config.np_dtype) for k, v in params.items()}
+        self.params = params
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    @property
+    def n_prefix(self) -> int:
+        """Positions the embed part puts before the tokens (prompt tuning's virtual tokens; 0 for GPT-2).
+
+        Measured by embedding one token, so any embed part answers it."""
+        x, _ = self.parts.embed.forward(np.zeros((1, 1), dtype=np.int64), self.params, "wte",
+                                        make_context(self.config, self.parts))
+        return x.shape[1] - 1
+
+    def forward(self, idx, kv: Optional[KVCache] = None) -> np.ndarray:
+        """idx (B,T) ints -> logits (B,T,V), without dropout."""
+        idx = check_ids(idx, self.config)
+        if kv is not None and kv.k.shape[1] != idx.shape[0]:  # would broadcast silently
+            raise TinygenError(f"idx has batch size {idx.shape[0]} but the KVCache was made for {kv.k.shape[1]}")
+        logits, _ = gpt_forward(self.params, idx, self.config, self.parts, kv=kv)
+        return logits
+
+    def generate(self, idx, max_new_tokens, **options) -> np.ndarray:
+        """Continue each row of idx (B,T) by max_new_tokens ids; see tinygen.sampling.generate."""
+        return generate(self, idx, max_new_tokens, **options)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors, a Hugging Face GPT-2 checkpoint."""
+        save_model(directory, self.config, self.params)
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype: Optional[str] = None) -> "GPT":
+        """Load a checkpoint written by save_pretrained or by transformers (dtype overrides its config's)."""
+        config, params = load_model(directory, dtype)
+        return cls(config, params=params)
+
+    def loss(self, idx, targets) -> float:
+        """Mean cross-entropy of next-token predictions, without dropout, plus any auxiliary losses."""
+        idx = check_ids(idx, self.config)
+        targets = check_ids(targets, self.config, "targets", allow_ignore=True)
+        logits, cache = gpt_forward(self.params, idx, self.config, self.parts)
+        loss, _ = cross_entropy_forward(logits, targets)
+        return loss + sum(value for _, value in cache.aux)
+
+    def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None, scale: float = 1.0,
+                       return_aux: bool = False):
+        """Forward, cross-entropy and backward. targets (B,T) ids, -1 to ignore.
+
+        rng drives dropout (pass one while training when config.dropout > 0).
+        scale: the grads are those of scale * loss (the training loop weights
+        each shard of a batch by its share of the counted positions).
+        Returns (loss: float, grads: dict with the keys and shapes of params).
+        The loss includes the parts' auxiliary losses (none for GPT-2); with
+        return_aux=True a third item gives them apart, {name: value}.
+        """
+        idx = check_ids(idx, self.config)
+        targets = check_ids(targets, self.config, "targets", allow_ignore=True)
+        if targets.shape != idx.shape:
+            raise TinygenError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
+        logits, cache = gpt_forward(self.params, idx, self.config, self.parts, rng=rng, aux_scale=float(scale))
+        loss, ce = cross_entropy_forward(logits, targets)
+        (dlogits,) = cross_entropy_backward(float(scale), ce)
+        grads = gpt_backward(dlogits, cache)
+        aux = {}
+        for name, value in cache.aux:
+            aux[name] = aux.get(name, 0.0) + value
+        loss += sum(aux.values())
+        return (loss, grads, aux) if return_aux else (loss, grads)
