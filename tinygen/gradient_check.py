@@ -10,7 +10,11 @@ rounding error of about ulp(L) / h. The plain two-point formula
 which is large here: at GPT-2's init the layer norms see inputs of scale
 0.02, so their derivatives grow like 50^k. On a whole small model with h = 1e-4
 the five-point stencil agrees to ~1e-9; the two-point one reaches only ~2e-7
-at its best h (an isolated layer does better). An
+at its best h (an isolated layer does better). The step has a limit: a
+layer norm varies on the scale of its input row's spread, 1 / rstd, and
+when a narrow row's entries nearly coincide (n_embd 2 or 3) rstd nears
+1/sqrt(1e-5) = 316 and the truncation error at this h reaches ~1e-5; such
+points need a smaller `eps` (tests/test_model.py draws around them). An
 array-valued layer out = f(x) is reduced to a scalar with the surrogate
 loss L = sum(out * dout) for a random dout: its gradient is exactly what
 `backward(dout, cache)` returns (llm.c's trick).
