@@ -14,6 +14,8 @@
 - README's tables: the module table covers every module of tinygen/, the command
   table says which commands take --seed exactly as the parser does.
 - Every speed ratio quoted anywhere is one measured in docs/performance.md.
+- Every docs page is on the learning path (docs/README.md): it says what it assumes and
+  where it sits, and the path links it.
 """
 import contextlib
 import inspect
@@ -230,6 +232,15 @@ def test_every_link_and_anchor_exists(page, link):
     if anchor:
         headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
         assert anchor in {slug(h) for h in headings}, f"{page.name} links to {link}: no such heading"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md"], ids=lambda p: p.name)
+def test_every_page_is_on_the_learning_path(page):
+    """docs/README.md is the learning path: every page opens with what it assumes and where it
+    sits in the path (its second line), and the path links every page."""
+    second = page.read_text(encoding="utf-8").splitlines()[1]
+    assert second.startswith("> Assumes:") and "[learning path](README.md)" in second, (page.name, second)
+    assert f"]({page.name})" in (DOCS / "README.md").read_text(encoding="utf-8"), f"docs/README.md never links {page.name}"
 
 
 # ------------------------------------------------------------------ README's tables

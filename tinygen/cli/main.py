@@ -21,10 +21,10 @@ from ..errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_DIVERGED, EXIT_INTERNAL, E
                       EXIT_WRITE_FAILED, RunDirBusy, TinygenError, WriteError)
 from ..plumbing.memory import reuse_freed_memory
 from ..train import TrainingDiverged
-from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
+from . import demo, exercises, explain, finetune, gradcheck, pretrain, sample, tokenizer
 
 # in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, and the demo
-COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck]
+COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck, exercises, explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
