@@ -247,7 +247,6 @@ BASE = dict(vocab_size=16, block_size=8, n_layer=4, n_head=2, n_embd=8)
     (dict(n_expert=2, expert_top_k=3), "expert_top_k"),
     (dict(expert_top_k=0), "expert_top_k"),
     (dict(moe_every=0), "moe_every"),
-    (dict(n_expert=2, moe_every=5), "moe_every"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(capacity_factor=-1.5), "capacity_factor"),
     (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
@@ -571,8 +570,19 @@ def test_lora_on_the_attention_projections_of_a_model_with_experts():
     (["--n-expert", "2", "--expert-top-k", "3"], "expert_top_k (3) must be at most n_expert (2)"),
     (["--moe-every", "0"], "moe_every must be a positive integer"),
     (["--capacity-factor", "0"], "capacity_factor must be a positive number"),
+    (["--n-expert", "2", "--moe-every", "3"], "TrainConfig.moe_every (3) must be at most n_layer (2)"),
 ])
 def test_bad_expert_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     code = main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_explain_traces_a_model_with_experts():
+    """The logit lens cuts the model after each block: a cut with no expert block is a valid config."""
+    from tinygen.explain import trace
+
+    model = moe_model(4)
+    t = trace(model, [1, 2, 3, 4, 5])
+    assert len(t.attention) == 4 and len(t.lens) == 4  # one per block
+    assert GPTConfig(**{**SMALL, "n_layer": 1}, n_expert=4).is_moe_block(0) is False

@@ -144,9 +144,6 @@ class GPTConfig:
         if self.n_expert and self.expert_top_k > self.n_expert:
             raise TinygenError(f"GPTConfig.expert_top_k ({self.expert_top_k}) must be at most "
                                f"n_expert ({self.n_expert}): a token cannot pick more experts than there are")
-        if self.n_expert and self.moe_every > self.n_layer:
-            raise TinygenError(f"GPTConfig.moe_every ({self.moe_every}) must be at most n_layer ({self.n_layer}): "
-                               f"with n_expert > 0 at least one block must have experts")
 
     def is_moe_block(self, i: int) -> bool:
         """Block i has experts (a router and n_expert MLPs) instead of one MLP: every moe_every-th block.

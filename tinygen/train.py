@@ -104,6 +104,9 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise TinygenError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         self.model_config(self.vocab_size)  # n_embd % n_head: GPTConfig's check
+        if self.n_expert and self.moe_every > self.n_layer:  # GPTConfig allows it (a model cut short has none)
+            raise TinygenError(f"TrainConfig.moe_every ({self.moe_every}) must be at most n_layer ({self.n_layer}): "
+                               "with n_expert > 0 at least one block must have experts")
 
     @property
     def decay_steps(self) -> int:
