@@ -13,16 +13,16 @@ import sys
 from .. import __version__
 from ..errors import TinygenError
 from ..plumbing.memory import reuse_freed_memory
-from . import demo, finetune, gradcheck, pretrain, sample, tokenizer
+from . import demo, finetune, fixtures, gradcheck, pretrain, sample, tokenizer
 
-# in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, and the demo
-COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck]
+# in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, golden files, and the demo
+COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck, fixtures]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinygen",
-        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
+        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients, write golden fixtures.",
     )
     parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
                         help="print tinygen's version and exit")
