@@ -30,9 +30,7 @@ PICTURE = ROOT / "docs" / "architecture.svg"
 PENDING_MODULES = {}  # named by docs/architecture.md, added by another branch
 KNOWN_UPWARD_IMPORTS = {}  # importer: why
 KNOWN_CYCLES = {}  # module on a cycle: the cycle
-PENDING_TEST_NAMES = {  # test file: the name it will have
-    "test_memory.py": "test_plumbing_memory.py, with the rework of plumbing/memory.py",
-}
+PENDING_TEST_NAMES = {}  # test file: the name it will have
 
 
 def resolve(dotted: str):

@@ -340,12 +340,13 @@ def test_training_md_evaluation_line_is_the_loops(tiny_run):
 
 def test_training_md_run_directory_is_what_checkpoint_names(tiny_run):
     from tinygen import checkpoint
+    from tinygen.plumbing.rundir import LOCK_FILE
 
     text = (DOCS / "training.md").read_text(encoding="utf-8")
     listing = re.search(r"```text\nRUN_DIR/\n(.*?)```", text, re.DOTALL).group(1)
     shown = {line.split()[0].rstrip("/") for line in listing.splitlines() if line.strip()}
     names = {checkpoint.CONFIG, checkpoint.MODEL, checkpoint.TOKENIZER, checkpoint.TRAIN_CONFIG,
-             checkpoint.TRAIN_STATE, checkpoint.METRICS, checkpoint.LOSS_SVG, checkpoint.DATA_DIR}
+             checkpoint.TRAIN_STATE, checkpoint.METRICS, checkpoint.LOSS_SVG, checkpoint.DATA_DIR, LOCK_FILE}
     assert shown == names
     _, _, run_dir = tiny_run  # the loop alone writes the model, train state, metrics and curve
     written = {p.name for p in run_dir.iterdir()}

@@ -33,7 +33,7 @@ def integer(low: int) -> Callable:
 def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_open=False) -> Callable:
     """A check: a finite real number (bool excluded) in the interval [low, high], ends open as asked."""
     def check(value):
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and _finite(value)
         ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
         if ok:
             return None
@@ -41,6 +41,14 @@ def number(low: float = -math.inf, high: float = math.inf, low_open=False, high_
         return "a positive number" if (low, low_open, high) == (0, True, math.inf) else \
             f"a number in {left}{low:g}, {high:g}{right}"
     return check
+
+
+def _finite(value) -> bool:
+    """math.isfinite, and False (not OverflowError) for an int beyond a float's range, like 10**400."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def one_of(*choices) -> Callable:
@@ -160,25 +168,37 @@ class GPTConfig:
         }
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote)."""
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "GPTConfig":
+        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote).
+
+        Sizes must be JSON integers; anything else (a string, 768.0, true,
+        null, a missing field) is a TinygenError naming `where` and the field.
+        """
+        if not isinstance(hf, dict):
+            raise TinygenError(f"{where}: expected a JSON object, got {type(hf).__name__}")
         if hf.get("model_type", "gpt2") != "gpt2":
-            raise TinygenError(f"config.json: model_type must be 'gpt2', got {hf.get('model_type')!r}")
+            raise TinygenError(f"{where}: model_type must be 'gpt2', got {hf.get('model_type')!r:.60}")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise TinygenError(f"config.json: activation_function {act!r} is not GPT-2's tanh GELU")
-        if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
-            raise TinygenError("config.json: n_inner must be 4 * n_embd (GPT-2's MLP width)")
+            raise TinygenError(f"{where}: activation_function {act!r:.60} is not GPT-2's tanh GELU")
         extra = hf.get("tinygen", {})
+        if not isinstance(extra, dict):
+            raise TinygenError(f"{where}: \"tinygen\" must be an object, got {type(extra).__name__}")
+        missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+        missing += [] if "n_positions" in hf or "n_ctx" in hf else ["n_positions"]
+        if missing:
+            raise TinygenError(f"{where}: missing field {missing[0]!r}")
         try:
-            return cls(
-                vocab_size=int(hf["vocab_size"]),
-                block_size=int(hf.get("n_positions", hf.get("n_ctx"))),
-                n_layer=int(hf["n_layer"]),
-                n_head=int(hf["n_head"]),
-                n_embd=int(hf["n_embd"]),
-                dropout=float(extra.get("dropout", 0.0)),
-                dtype=str(extra.get("dtype", "float32")),
-            )
-        except (KeyError, TypeError) as e:
-            raise TinygenError(f"config.json: missing or malformed field {e}") from None
+            config = cls(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx")),
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         dropout=extra.get("dropout", 0.0), dtype=extra.get("dtype", "float32"))
+        except TinygenError as e:  # "GPTConfig.n_embd must be a positive integer, got '768'": config.json's names
+            names = {"GPTConfig.block_size": "n_positions", "GPTConfig.dropout": 'dropout (under "tinygen")',
+                     "GPTConfig.dtype": 'dtype (under "tinygen")', "GPTConfig.": ""}
+            message = str(e)
+            for ours, theirs in names.items():
+                message = message.replace(ours, theirs)
+            raise TinygenError(f"{where}: {message}") from None
+        if hf.get("n_inner") not in (None, 4 * config.n_embd):
+            raise TinygenError(f"{where}: n_inner must be 4 * n_embd (GPT-2's MLP width)")
+        return config

@@ -39,7 +39,7 @@ from .finetuning.methods import METHODS
 from .finetuning.peft import base_name, read_peft
 from .model import param_shapes
 from .parts import Parts, parts_for
-from .plumbing.fileio import read_json
+from .plumbing.fileio import parse_json, read_json
 from .plumbing.rundir import ADAPTER, CONFIG, FINETUNE, MODEL, PEFT_CONFIG, PEFT_WEIGHTS, TOKENIZER
 from .plumbing.safetensors import load_file, load_metadata
 from .tokenizer.tokenizer import Tokenizer
@@ -104,20 +104,18 @@ def saved_config(meta: dict, path) -> FinetuneConfig:
     """The FinetuneConfig an adapter file was trained with, from its metadata.
 
     Version 1 files recorded only the method and LoRA's spec, which is all the parts need."""
+    version = meta.get("version")
+    if version not in ("1", VERSION):
+        raise TinygenError(f"{path}: fine-tuning file version {version!r:.40}; this tinygen reads 1 and {VERSION}")
     try:
-        if meta.get("version") == "1":
-            lora = json.loads(meta.get("lora", "null"))
+        if version == "1":
+            lora = parse_json(meta.get("lora", "null"), f"{path}: metadata \"lora\"")
             fields = {} if lora is None else {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
                                               "lora_dropout": lora["dropout"], "lora_targets": ",".join(lora["targets"])}
-            return finetune_config({"method": meta.get("method"), **fields}, path)
-        if meta.get("version") != VERSION:
-            raise TinygenError(f"{path}: fine-tuning file version {meta.get('version')!r}; "
-                               f"this tinygen reads 1 and {VERSION}")
-        return finetune_config(json.loads(meta["config"]), path)
-    except (KeyError, TypeError, ValueError, RecursionError) as e:
-        if isinstance(e, TinygenError):
-            raise
-        raise TinygenError(f"{path}: malformed metadata: {type(e).__name__}: {str(e)[:200]}") from None
+            return FinetuneConfig(method=meta.get("method"), **fields)
+        return FinetuneConfig(**parse_json(meta["config"], f"{path}: metadata \"config\""))
+    except (KeyError, TypeError, ValueError) as e:  # TinygenError is a ValueError
+        raise TinygenError(f"{path}: malformed metadata: {str(e)[:200]}") from None
 
 
 def attach_adapter_file(model: Loaded, path, identity: Optional[dict] = None) -> Loaded:
@@ -129,10 +127,7 @@ def attach_adapter_file(model: Loaded, path, identity: Optional[dict] = None) ->
         raise TinygenError(f"{path}: not a tinygen fine-tuning file (format {meta.get('format')!r})")
     fc = saved_config(meta, path)
     identity = identity or base_identity(model.params, model.config)
-    try:
-        shapes = json.loads(meta.get("base_shapes", "{}"))
-    except (ValueError, RecursionError):
-        raise TinygenError(f"{path}: malformed metadata: base_shapes is not JSON") from None
+    shapes = parse_json(meta.get("base_shapes", "{}"), f"{path}: metadata \"base_shapes\"")
     config = model.config
     if shapes != identity["shapes"]:
         raise TinygenError(f"{path} was trained on a base with other tensor shapes than this one "

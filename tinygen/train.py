@@ -35,13 +35,14 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import checkpoint_step, load_train_state, save_train_state
+from .checkpoint import checkpoint_step, load_train_state, report_kept, save_train_state
 from .config import (NON_NEGATIVE, POSITIVE, PROBABILITY, GPTConfig, number, one_of, optional, option,
                      validate)
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
 from .loss import IGNORE
 from .optim import AdamW, lr_at
+from .plumbing.lock import run_lock
 from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .plumbing.parallel import Workers, default_workers, ranges
 from .plumbing.plot import write_loss_svg
@@ -118,16 +119,6 @@ class TrainConfig:
 
 
 # Presets are overrides of TrainConfig and DataConfig fields.
-PRESETS = {
-    # seconds: for tests and a first look
-    "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=8,
-                 max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2,
-                 checkpoint_interval=20, corpus_bytes=300_000, tokenizer_bytes=300_000),
-    # the default: about 4 minutes on 2 cores (the TrainConfig/DataConfig defaults)
-    "small": dict(),
-}
-
-
 class TrainingDiverged(TinygenError):
     """The loss or the gradients became NaN or infinite."""
 
@@ -158,7 +149,9 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
       model.save_pretrained, i.e. config.json + model.safetensors).
     progress: a Progress, or None for the default one on stderr; False for none.
     log(message): where one-off messages (evaluations, Ctrl-C) go.
-    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient.
+    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient,
+    RunDirBusy if another process is writing run_dir (tinygen.plumbing.lock),
+    WriteError (naming the checkpoint kept) if a file cannot be written.
 
     Nothing outside the call changes for good: the worker threads' BLAS
     setting and the Ctrl-C handler are restored when it returns, and malloc
@@ -166,14 +159,16 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     tinygen.plumbing.memory.reuse_freed_memory, a library caller may too).
     """
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
-    with Workers(config.workers or default_workers(config.batch_size)) as workers:
-        opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
-                    weight_decay=config.weight_decay, trainable=trainable, workers=workers)
-        return _loop(model=model, opt=opt, workers=workers, batches=batches, config=config, run_dir=run_dir,
-                     val_batches=val_batches, resume=resume, save_weights=save_weights, progress=progress,
-                     log=log)
+    # one writer per run directory (run_lock creates it; RunDirBusy names the other's pid; a
+    # caller that holds the lock already passes through), and a failed write says what is kept
+    with run_lock(run_dir), report_kept(run_dir):
+        save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
+        with Workers(config.workers or default_workers(config.batch_size)) as workers:
+            opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
+                        weight_decay=config.weight_decay, trainable=trainable, workers=workers)
+            return _loop(model=model, opt=opt, workers=workers, batches=batches, config=config,
+                         run_dir=run_dir, val_batches=val_batches, resume=resume, save_weights=save_weights,
+                         progress=progress, log=log)
 
 
 def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):

@@ -29,7 +29,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     values = {**(TINY if args.tiny else {}), **dataclass_overrides(args, DemoConfig)}
-    report = demo(args.out, DemoConfig(**values))
+    report = demo(args.out, DemoConfig(**values))  # holds OUT's lock (tinygen.plumbing.lock)
     for task, row in report["tasks"].items():
         cells = ", ".join(f"{name} {s['val_loss']:.3f} / {s['accuracy']:.0%}" for name, s in row.items())
         print(f"{task}: (loss / accuracy) {cells}")

@@ -27,13 +27,14 @@ the run (so a tree of runs can move), the absolute path, and its sha256.
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 
+from ..checkpoint import report_kept
 from ..errors import TinygenError
 from ..gpt import GPT
-from ..plumbing.fileio import atomic_write_json
+from ..plumbing.fileio import atomic_copy, atomic_write_json, make_dirs, read_json
+from ..plumbing.lock import run_lock
 from ..plumbing.rundir import ADAPTER as ADAPTER_FILE, FINETUNE as FINETUNE_FILE, TOKENIZER
 from ..plumbing.safetensors import save_file
 from ..runs import FORMAT, VERSION, Loaded, attach_adapter_file, base_identity, load_plain
@@ -101,6 +102,22 @@ def apply_adapter(base: GPT, path) -> GPT:
     return GPT(config, params=params, parts=parts)
 
 
+def read_run_file(run_dir) -> tuple:
+    """(finetune.json's contents, its FinetuneConfig) of RUN_DIR, checked: a malformed file is
+    a TinygenError naming it, never a KeyError or TypeError further on."""
+    path = os.path.join(os.fspath(run_dir), FINETUNE_FILE)
+    info = read_json(path, what="fine-tuning description")
+    ok = isinstance(info, dict) and isinstance(info.get("config"), dict)
+    if not (ok and isinstance(info.get("base"), str) and isinstance(info.get("data"), str)):
+        raise TinygenError(f"{path}: malformed: expected an object with \"config\" (an object), "
+                           "\"base\" and \"data\" (strings)")
+    try:
+        fc = FinetuneConfig(**info["config"])
+    except (TypeError, TinygenError) as e:  # an unknown field; a value its check refuses
+        raise TinygenError(f"{path}: malformed \"config\": {str(e)[:200]}") from None
+    return info, fc
+
+
 def is_finetuned_run(run_dir) -> bool:
     return os.path.isfile(os.path.join(os.fspath(run_dir), FINETUNE_FILE))
 
@@ -118,7 +135,7 @@ def load_run(run_dir, base_dir=None, merged=False) -> GPT:
 def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: dict) -> None:
     """finetune.json (method, config, the base's path relative to the run and absolute, its
     sha256, the data file's paths likewise) and the base's tokenizer.json."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir)
     here = os.path.abspath(out_dir)
     base = os.path.abspath(base_dir)
     files = {} if data == "builtin" else {"data": os.path.relpath(os.path.abspath(data), here),
@@ -129,7 +146,7 @@ def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: 
         "base_sha256": identity["sha256"], "data": data, **files, "config": fc.to_dict()})
     src = os.path.join(base_dir, TOKENIZER)
     if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(out_dir, TOKENIZER))
+        atomic_copy(src, os.path.join(out_dir, TOKENIZER))
 
 
 def recorded_data(run_dir, info: dict) -> str:
@@ -165,7 +182,8 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     "accuracy", "examples"}}}; the evaluation (on the test split) is also
     written to out_dir/eval.json. `splits` skips reading the data again, and
     `encoded` ({"train", "val": [Encoded]}, made for this model's capacity)
-    skips tokenizing them.
+    skips tokenizing them. out_dir's lock (tinygen.plumbing.lock) is held from
+    before finetune.json is written to the end: a second writer gets RunDirBusy.
     """
     if os.path.abspath(base_dir) == os.path.abspath(out_dir):
         raise TinygenError(f"--out {out_dir} is the base run directory; fine-tuning never writes its base")
@@ -180,7 +198,6 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
     B = fc.batch_size
     val_batches = [make_batch(val_enc[i:i + B], pad) for i in range(0, min(len(val_enc), B * fc.eval_batches), B)]
     identity = base_identity(base.params, base.config)
-    write_run_files(out_dir, base_dir, fc, data, identity)
     added = [n for n in model.params if n not in base.params]
     method = METHODS[fc.method]
     if method.whole_model:
@@ -190,11 +207,15 @@ def run(base_dir, data, out_dir, fc: FinetuneConfig, resume=False, splits=None, 
             save_adapter(os.path.join(directory, ADAPTER_FILE), model, added, identity, fc)
             if method.peft_type:  # the same tensors for Hugging Face PEFT
                 write_peft(directory, model.params, fc, model.config, os.fspath(base_dir))
-    result = train(model, batches(train_enc, B, pad, fc.seed), train_config(fc, base.config), out_dir,
-                   val_batches=val_batches, trainable=trainable(fc), resume=resume, save_weights=save_weights,
-                   progress=progress, log=log)
-    if result.interrupted:
-        return {"train": result._asdict(), "eval": {}}
-    scores = evaluate_tasks(merged_model(model, fc), tokenizer, splits["test"], fc.eval_examples)
-    atomic_write_json(os.path.join(out_dir, "eval.json"), {"split": "test", "tasks": scores})
+    # one writer of out_dir from before finetune.json is written (RunDirBusy names the other's pid);
+    # a failed write says what out_dir still holds
+    with run_lock(out_dir), report_kept(out_dir):
+        write_run_files(out_dir, base_dir, fc, data, identity)
+        result = train(model, batches(train_enc, B, pad, fc.seed), train_config(fc, base.config), out_dir,
+                       val_batches=val_batches, trainable=trainable(fc), resume=resume, save_weights=save_weights,
+                       progress=progress, log=log)
+        if result.interrupted:
+            return {"train": result._asdict(), "eval": {}}
+        scores = evaluate_tasks(merged_model(model, fc), tokenizer, splits["test"], fc.eval_examples)
+        atomic_write_json(os.path.join(out_dir, "eval.json"), {"split": "test", "tasks": scores})
     return {"train": result._asdict(), "eval": scores}

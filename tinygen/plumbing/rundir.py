@@ -12,6 +12,7 @@
         train.npy              TRAIN_TOKENS    training split, memory-mapped
         val.npy                VAL_TOKENS      validation split
         tokens.json            TOKENS_INFO     digests and counts; written last
+      .tinygen.lock            LOCK_FILE     the one writer's lock and pid (tinygen.plumbing.lock)
 
     A fine-tuning run (tinygen.finetuning.finetune) adds:
       finetune.json            FINETUNE      the method, its FinetuneConfig, the base (path relative to the run + sha256)
@@ -40,3 +41,4 @@ FINETUNE = "finetune.json"
 ADAPTER = "adapter.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+LOCK_FILE = ".tinygen.lock"
