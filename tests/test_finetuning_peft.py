@@ -277,6 +277,29 @@ def test_bad_peft_directories_are_clear_errors(base, tmp_path):
         GPT.from_pretrained(base_dir, adapter=tmp_path / "empty")
 
 
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**20) | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                       max_size=3), max_leaves=5)
+
+
+@settings(max_examples=40)
+@given(method=st.sampled_from(["lora", "prompt"]), data=st.data())
+def test_any_value_in_any_field_loads_or_is_one_tinygen_error(base, tmp_path_factory, method, data):
+    """A hostile adapter_config.json never gets further than a TinygenError naming the file."""
+    base_dir, _ = base
+    directory = tmp_path_factory.mktemp("hostile")
+    (peft_lora_dir if method == "lora" else peft_prompt_dir)(directory)
+    cfg = json.load(open(directory / "adapter_config.json"))
+    key = data.draw(st.sampled_from(sorted(cfg)), label="field")
+    cfg[key] = data.draw(JSON_VALUES, label="value")
+    with open(directory / "adapter_config.json", "w") as f:
+        json.dump(cfg, f)
+    try:
+        GPT.from_pretrained(base_dir, adapter=directory)
+    except TinygenError as e:
+        assert "adapter_config.json" in str(e)
+
+
 # ------------------------------------------------------------------ tinygen -> PEFT
 def test_peft_layout_written_by_tinygen():
     fc = FinetuneConfig(method="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="c_attn,c_proj")

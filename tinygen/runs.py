@@ -25,7 +25,6 @@ base_model_name_or_path peft wrote (a directory, relative to the adapter
 or to the working directory), checked by shape only, as peft does.
 """
 import hashlib
-import json
 import os
 from typing import NamedTuple, Optional
 
@@ -73,7 +72,8 @@ def read_finetune_json(run_dir) -> dict:
     """RUN_DIR/finetune.json, checked: an object with a known "method" and a "config" object."""
     path = os.path.join(os.fspath(run_dir), FINETUNE)
     info = read_json(path, what="fine-tuning description")
-    if not (isinstance(info, dict) and info.get("method") in METHODS and isinstance(info.get("config"), dict)):
+    method = info.get("method") if isinstance(info, dict) else None
+    if not (isinstance(method, str) and method in METHODS and isinstance(info.get("config"), dict)):
         raise TinygenError(f"{path}: malformed: expected an object with \"method\" (one of {', '.join(METHODS)}) "
                            "and \"config\" (an object)")
     return info
@@ -221,10 +221,13 @@ def load_finetuned(run_dir, dtype=None, base=None) -> Loaded:
 
 
 def base_candidates(run_dir, info: dict, base=None) -> list:
-    """Where a run's base may be: `base`, else its recorded path relative to the run, then the absolute one."""
+    """Where a run's base may be: `base`, else its recorded path relative to the run, then the absolute one.
+
+    (Runs written before paths were relative recorded only the absolute path, as "base".)"""
     if base is not None:
         return [os.fspath(base)]
-    paths = [os.path.join(run_dir, p) for p in (info.get("base"), info.get("base_absolute")) if isinstance(p, str) and p]
+    paths = [os.path.join(run_dir, p) for p in (info.get("base"), info.get("base_absolute"))
+             if isinstance(p, str) and p and "\0" not in p]
     return list(dict.fromkeys(os.path.normpath(p) for p in paths))
 
 
@@ -235,7 +238,11 @@ def find_base(run_dir, info: dict, sha256, base=None, dtype=None):
         if not os.path.isdir(candidate):
             tried.append(f"{candidate} (not there)")
             continue
-        model = load_plain(candidate, dtype)
+        try:
+            model = load_plain(candidate, dtype)
+        except TinygenError as e:
+            tried.append(f"{candidate} (not a base: {str(e)[:100]})")
+            continue
         identity = base_identity(model.params, model.config)
         if identity["sha256"] == sha256:
             return candidate, model, identity
@@ -249,16 +256,10 @@ def find_base(run_dir, info: dict, sha256, base=None, dtype=None):
 
 
 def run_base(run_dir, base=None) -> str:
-    """The directory of a fine-tuning run's base, found and verified as `load` finds it."""
+    """The directory of a fine-tuning run's base (what resuming needs), found as `load` finds it and
+    verified against the sha256 in finetune.json."""
     info = read_finetune_json(run_dir)
-    if METHODS[info["method"]].whole_model:
-        candidates = base_candidates(run_dir, info, base)
-        found = [c for c in candidates if os.path.isdir(c)]
-        if not found:
-            raise TinygenError(f"{run_dir}: its base is not found (tried {', '.join(candidates)}); pass --base DIR")
-        return found[0]
-    meta = load_metadata(os.path.join(run_dir, ADAPTER))
-    return find_base(run_dir, info, meta.get("base_sha256"), base)[0]
+    return find_base(run_dir, info, info.get("base_sha256"), base)[0]
 
 
 def peft_base(adapter_dir, base=None) -> str:

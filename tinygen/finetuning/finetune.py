@@ -150,15 +150,14 @@ def write_run_files(out_dir, base_dir, fc: FinetuneConfig, data: str, identity: 
 
 
 def recorded_data(run_dir, info: dict) -> str:
-    """The data a run was trained on: "builtin", or its file relative to the run, else where it was."""
-    if info["data"] == "builtin":
-        return "builtin"
-    paths = [os.path.join(run_dir, info["data"]), info.get("data_absolute", "")]
-    found = [p for p in paths if p and os.path.isfile(p)]
-    if not found:
-        raise TinygenError(f"{run_dir}: its data file is not found (tried {', '.join(p for p in paths if p)}); "
-                           "put it back to resume the run")
-    return found[0]
+    """The data a run was trained on: "builtin", or its file relative to the run, else where it was.
+
+    (Runs written before paths were relative recorded the data as given, with no "data_absolute".)"""
+    data, elsewhere = info["data"], info.get("data_absolute")
+    if data == "builtin" or not isinstance(elsewhere, str):
+        return data
+    here = os.path.join(run_dir, data)
+    return here if os.path.isfile(here) or not os.path.isfile(elsewhere) else elsewhere
 
 
 # ------------------------------------------------------------------ the run

@@ -233,6 +233,8 @@ def _lora(cfg, tensors, config: GPTConfig, where):
         found[f"{m.group(1)}.lora_{m.group(2)}"] = value.T.astype(config.np_dtype)
     targets = tuple(t for t in TARGETS if any(k.endswith(f".{t}.lora_A") for k in found))
     listed = cfg.get("target_modules")
+    if isinstance(listed, list) and not all(isinstance(t, str) for t in listed):
+        raise TinygenError(f"{where}: target_modules {json.dumps(listed)[:100]}: expected module names")
     if isinstance(listed, list) and sorted(listed) != sorted(targets):
         raise TinygenError(f"{where}: target_modules {listed} but the weights adapt {list(targets)}; "
                            f"tinygen adapts whole names among {', '.join(TARGETS)} in every block")
