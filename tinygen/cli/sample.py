@@ -1,6 +1,11 @@
 """`tinygen sample`: continue a prompt with a trained model, streaming the text to stdout.
 
     tinygen sample --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 1
+    tinygen sample --model gpt2 --adapter my-peft-lora --prompt "Hello"     # a PEFT adapter over its base
+
+--model is any run directory (tinygen.runs: a checkpoint, a fine-tuning run
+of any method, a PEFT adapter directory); --adapter puts an adapter on it;
+--base says where the base of a fine-tuning run or PEFT adapter is now.
 
 Each sample prints the prompt and then its continuation as it is generated;
 generation ends at the tokenizer's <|endoftext|>, at a --stop string, or after
@@ -23,7 +28,12 @@ def add_parser(sub):
         "options act in Hugging Face transformers' order: repetition penalty, temperature, top-k, "
         "top-p, min-p (see docs/sampling.md).",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer)")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer): a "
+                   "checkpoint, a fine-tuning run of any method, or a PEFT adapter directory")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter to put on --model: a tinygen LoRA/adapter/prompt "
+                   "run, or a PEFT LoRA or prompt-tuning adapter directory")
+    p.add_argument("--base", metavar="DIR", help="where the base of --model (a fine-tuning run or PEFT adapter) is "
+                   "now, when it moved (a run checks its base's checksum)")
     p.add_argument("--prompt", required=True, help="the text to continue (<|endoftext|> is allowed)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default: 100)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy; <1 sharper, >1 flatter (default: 1.0)")
@@ -74,15 +84,14 @@ def _check_args(args):
 
 
 def run(args) -> int:
-    from ..finetuning.finetune import is_finetuned_run, load_run
     from ..gpt import GPT
+    from ..runs import load_tokenizer
     from ..sampling import make_rng, stream
-    from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
-    # A fine-tuned run holds either a whole model or adapter weights over its base.
-    model = load_run(args.model) if is_finetuned_run(args.model) else GPT.from_pretrained(args.model)
-    tokenizer = Tokenizer.load_dir(args.model)
+    # One loader for every run directory; LoRA is merged, so decoding takes the fast path.
+    model = GPT.from_pretrained(args.model, adapter=args.adapter, base=args.base, merged=True)
+    tokenizer = load_tokenizer(args.model, adapter=args.adapter, base=args.base)
     ids = _encode_prompt(tokenizer, model, args.prompt)
     stops = list(args.stop or []) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
     out = sys.stdout
