@@ -52,6 +52,8 @@ def test_tiny_demo_writes_report(tmp_path):
     assert text == report_markdown(report) and "## summarize" in text and "few_shot" in text
     for svg in ("finetune_loss.svg", "pretrain/loss.svg"):
         assert (out / svg).read_text().startswith("<svg")
+    page = (out / "explain.html").read_text()  # the report links tinygen explain's page of the LoRA run
+    assert "](explain.html)" in text and page.startswith("<!DOCTYPE html>") and 'class="heatmap"' in page
     for run in ("pretrained_full", "pretrained_lora", "scratch_full", "single_name"):
         assert os.path.isfile(out / run / "eval.json")
     settings = read_settings(out / "pretrain")  # the demo's settings file is a pretraining run's
