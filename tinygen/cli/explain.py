@@ -6,6 +6,7 @@ each position, the logit lens per layer, and every head's attention as a
 heatmap. See tinygen/explain.py and docs/explain.md.
 """
 from ..explain import explain
+from .flags import add_model_arguments
 
 
 def add_parser(sub):
@@ -16,12 +17,7 @@ def add_parser(sub):
         "per-token loss, top-5 next tokens, the logit lens and every head's attention heatmap. Works on "
         "pretrained and fine-tuned run directories, on a Hugging Face GPT-2 checkpoint directory and with a PEFT adapter.",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (pretrained or fine-tuned by "
-                   "any method), a Hugging Face GPT-2 checkpoint, or a PEFT adapter directory")
-    p.add_argument("--adapter", metavar="DIR", help="an adapter to put on --model: a tinygen LoRA/adapter/prompt "
-                   "run, or a PEFT LoRA or prompt-tuning adapter directory")
-    p.add_argument("--base", metavar="DIR", help="where the base of --model (a fine-tuning run or PEFT adapter) is "
-                   "now, when it moved")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the text to explain (<|endoftext|> is allowed)")
     p.add_argument("--out", default="explain.html", metavar="FILE.html", help="where to write the page (default: explain.html)")
     p.set_defaults(run=run)

@@ -7,6 +7,7 @@ model, the sampler's processors and the tokenizer as safetensors and JSON
 files with a manifest.json (tinygen.fixtures); docs/fixtures.md has a
 40-line NumPy checker to port to your language.
 """
+from ..fixtures import write_fixtures
 
 
 def add_parser(sub):
@@ -27,8 +28,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..fixtures import write_fixtures
-
     manifest = write_fixtures(args.out, seed=args.seed, dtype=args.dtype)
     print(f"wrote {len(manifest['cases'])} cases ({args.dtype}, seed {args.seed}) to {args.out}; "
           f"see {args.out}/manifest.json and docs/fixtures.md")

@@ -16,8 +16,13 @@ on stderr and exit code 2.
 """
 import sys
 
+from ..beam import beam_search
 from ..config import NON_NEGATIVE, POSITIVE, require
 from ..errors import TinygenError
+from ..gpt import GPT
+from ..runs import load_tokenizer
+from ..sampling import check_sampling_options, make_rng, stream
+from .flags import add_model_arguments
 
 
 def add_parser(sub):
@@ -28,12 +33,7 @@ def add_parser(sub):
         "options act in Hugging Face transformers' order: repetition penalty, temperature, top-k, "
         "top-p, min-p (see docs/sampling.md).",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer): a "
-                   "checkpoint, a fine-tuning run of any method, or a PEFT adapter directory")
-    p.add_argument("--adapter", metavar="DIR", help="an adapter to put on --model: a tinygen LoRA/adapter/prompt "
-                   "run, or a PEFT LoRA or prompt-tuning adapter directory")
-    p.add_argument("--base", metavar="DIR", help="where the base of --model (a fine-tuning run or PEFT adapter) is "
-                   "now, when it moved (a run checks its base's checksum)")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the text to continue (<|endoftext|> is allowed)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default: 100)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy; <1 sharper, >1 flatter (default: 1.0)")
@@ -67,7 +67,6 @@ def _encode_prompt(tokenizer, model, text):
 
 
 def _check_args(args):
-    from ..sampling import check_sampling_options
 
     require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
     require("--num-samples", args.num_samples, POSITIVE)
@@ -84,9 +83,6 @@ def _check_args(args):
 
 
 def run(args) -> int:
-    from ..gpt import GPT
-    from ..runs import load_tokenizer
-    from ..sampling import make_rng, stream
 
     _check_args(args)
     # One loader for every run directory; LoRA is merged, so decoding takes the fast path.
@@ -113,7 +109,6 @@ def run(args) -> int:
 
 
 def _run_beams(args, model, tokenizer, ids, stops, out):
-    from ..beam import beam_search
 
     result = beam_search(model, ids, args.max_new_tokens, args.num_beams, eos_id=tokenizer.eot_id,
                          num_return_sequences=args.num_samples)
