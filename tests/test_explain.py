@@ -252,3 +252,21 @@ def test_the_fetch_check_sees_a_page_that_fetches(tmp_path):
     path.write_text('<!DOCTYPE html><html><body><p>x</p><img src="http://tinygen-test.invalid/a.png"></body></html>')
     _, asked = render(path, tmp_path / "b")
     assert asked == ["http://tinygen-test.invalid/a.png"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_cli_explains_a_peft_adapter_over_its_base(runs, tmp_path, method):
+    """The run's PEFT files alone (as peft writes them), put on the base with --adapter: the same
+    page as the tinygen run itself, since both hold the same weights."""
+    from tinygen.plumbing.rundir import PEFT_CONFIG, PEFT_WEIGHTS
+
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        shutil.copyfile(runs[method] / name, peft_dir / name)
+    via_peft, via_run = tmp_path / "peft.html", tmp_path / "run.html"
+    assert main(["explain", "--model", str(runs["pretrained"]), "--adapter", str(peft_dir), "--prompt", PROMPT,
+                 "--out", str(via_peft)]) == 0
+    assert main(["explain", "--model", str(runs[method]), "--prompt", PROMPT, "--out", str(via_run)]) == 0
+    a, b = parse(via_peft.read_text()), parse(via_run.read_text())
+    assert a.heatmaps == b.heatmaps and np.allclose(a.losses, b.losses, atol=1e-5)

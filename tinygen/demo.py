@@ -28,6 +28,7 @@ import numpy as np
 from .config import NON_NEGATIVE, POSITIVE, number, one_of, optional, option, validate
 from .data import DataConfig
 from .errors import TinygenError
+from .explain import explain
 from .finetuning.evaluate import evaluate_tasks, few_shot_examples, greedy_complete
 from .finetuning.finetune import FinetuneConfig, run as finetune
 from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules
@@ -44,6 +45,7 @@ from .train import TrainConfig
 # OUT/: the demo's own files; each run directory inside it has the files of tinygen.plumbing.rundir
 PRETRAIN_DIR, SCRATCH_DIR = "pretrain", "scratch-base"
 REPORT_JSON, REPORT_MD, FINETUNE_SVG = "report.json", "report.md", "finetune_loss.svg"
+EXPLAIN_HTML = "explain.html"  # tinygen explain's page of the LoRA run on one test example
 LR = number(0.0, low_open=True)  # a learning rate: a positive number
 
 
@@ -177,12 +179,22 @@ def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> di
         few = evaluate_tasks(base, tok, shots, cfg.accuracy_examples, cut_newline=True)
         examples = sample_completions(GPT.from_pretrained(os.path.join(out, "pretrained_full")), tok,
                                       splits["test"])
+        explain_page(out, tok, splits["test"], GPT.from_pretrained(base_dir).config.block_size)
         times["evaluate_s"] = time.perf_counter() - t
         report = build_report(cfg, runs, few, times, time.perf_counter() - t_start, examples)
         say("[6/6] report")
         write_report(out, report, runs)
         say(f"done in {format_duration(report['elapsed_s'])}: {os.path.join(out, REPORT_MD)}")
     return report
+
+
+def explain_page(out, tok, test, block_size) -> str:
+    """OUT/explain.html: `tinygen explain` on the LoRA-fine-tuned run, for the shortest of the first
+    test examples of the first task (prompt and reference completion), so the page shows what the
+    model attends to and how much each token of the right answer surprised it."""
+    candidates = [e.prompt + e.completion for e in [x for x in test if x.task == TASKS[0]][:8]]
+    fitting = [c for c in candidates if len(tok.encode(c)) <= block_size] or [tok.decode(tok.encode(candidates[0])[:block_size])]
+    return explain(os.path.join(out, "pretrained_lora"), min(fitting, key=len), os.path.join(out, EXPLAIN_HTML))
 
 
 def sample_completions(model, tok, test, per_task=2) -> list:
@@ -249,5 +261,7 @@ def report_markdown(report) -> str:
     for s in report["samples"]:
         lines += ["```text", s["prompt"] + s["generated"], "```",
                   f"reference: `{s['reference'].strip()}`", ""]
-    lines += ["Loss curves: `pretrain/loss.svg`, `finetune_loss.svg`; numbers: `report.json`.", ""]
+    lines += ["Loss curves: `pretrain/loss.svg`, `finetune_loss.svg`; numbers: `report.json`.", "",
+              f"What the LoRA-fine-tuned model attends to and predicts on one test example: [{EXPLAIN_HTML}]({EXPLAIN_HTML})"
+              " (`tinygen explain`; open it in a browser).", ""]
     return "\n".join(lines)

@@ -30,11 +30,10 @@ import numpy as np
 
 from .attention import attention_probs
 from .errors import TinygenError
-from .finetuning.finetune import is_finetuned_run, load_run
 from .gpt import GPT
 from .model import gpt_forward
 from .plumbing.fileio import atomic_write_text
-from .tokenizer.tokenizer import Tokenizer
+from .runs import load_tokenizer
 
 
 class Trace(NamedTuple):
@@ -71,11 +70,12 @@ def softmax64(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def load(run_dir):
-    """(model, tokenizer) of any run directory: pretrained, fine-tuned (every method, through
-    finetuning.finetune.load_run), or a GPT-2 checkpoint."""
-    model = load_run(run_dir) if is_finetuned_run(run_dir) else GPT.from_pretrained(run_dir)
-    return model, Tokenizer.load_dir(run_dir)
+def load(run_dir, adapter=None, base=None):
+    """(model, tokenizer) of any run directory: pretrained, fine-tuned by any method, a GPT-2
+    checkpoint or a PEFT adapter directory (tinygen.runs, as `tinygen sample` loads them),
+    with an optional adapter on it and the base's new place if it moved."""
+    model = GPT.from_pretrained(run_dir, adapter=adapter, base=base)
+    return model, load_tokenizer(run_dir, adapter=adapter, base=base)
 
 
 def encode_prompt(tokenizer, model, text):
@@ -221,8 +221,8 @@ def page(model, tokenizer, text, title="tinygen explain") -> str:
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def explain(run_dir, text, out) -> str:
-    """Write the page for `text` on the model of `run_dir` to `out`; returns out."""
-    model, tokenizer = load(run_dir)
+def explain(run_dir, text, out, adapter=None, base=None) -> str:
+    """Write the page for `text` on the model of `run_dir` (with `adapter` on it) to `out`; returns out."""
+    model, tokenizer = load(run_dir, adapter, base)
     atomic_write_text(out, page(model, tokenizer, text, f"tinygen explain: {os.path.basename(os.path.normpath(run_dir))}"))
     return out

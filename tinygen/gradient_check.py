@@ -272,7 +272,6 @@ def layer_cases(rng, B=2, T=5, C=8, dtype=np.float64) -> list:
         LayerCase("cross-entropy", cross_entropy_forward, cross_entropy_backward,
                   [3 * rng.standard_normal((B, T, V)), targets], {}, ["logits"]),
         *finetuning_cases(rng, x, dtype),
-        *(LayerCase(*case) for case in moe_check.layer_cases(_side_stream(rng), B, T, C)),  # away from ties
     ]
     cast = lambda a: a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a  # noqa: E731
     return [case._replace(args=[cast(a) for a in case.args]) for case in cases]
@@ -371,7 +370,8 @@ def all_checks(seed=0, max_coords=64) -> list:
     `tinygen gradcheck` prints it. Whole-model checks use max_coords // 4 (at least 4)."""
     rng = np.random.default_rng(seed)
     results = []
-    for case in layer_cases(rng):
+    moe_cases = [LayerCase(*case) for case in moe_check.layer_cases(_side_stream(rng), 2, 5, 8)]  # away from ties
+    for case in layer_cases(rng) + moe_cases:
         errors = check_layer(case.forward, case.backward, case.args, case.kwargs, case.names, max_coords, seed)
         shapes = dict(zip(case.names, (a.shape for a in case.args if _is_float(a))))
         results.append((case.name, {n: (shapes[n], e) for n, e in errors.items()}))

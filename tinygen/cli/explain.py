@@ -6,6 +6,7 @@ each position, the logit lens per layer, and every head's attention as a
 heatmap. See tinygen/explain.py and docs/explain.md.
 """
 from ..explain import explain
+from .flags import add_model_arguments
 
 
 def add_parser(sub):
@@ -14,15 +15,15 @@ def add_parser(sub):
         help="an HTML page showing what a model attends to and predicts for a prompt",
         description="Write one self-contained HTML page for --prompt on the model of --model: tokens, "
         "per-token loss, top-5 next tokens, the logit lens and every head's attention heatmap. Works on "
-        "pretrained and fine-tuned run directories and on a Hugging Face GPT-2 checkpoint directory.",
+        "pretrained and fine-tuned run directories, on a Hugging Face GPT-2 checkpoint directory and with a PEFT adapter.",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer)")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the text to explain (<|endoftext|> is allowed)")
     p.add_argument("--out", default="explain.html", metavar="FILE.html", help="where to write the page (default: explain.html)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    out = explain(args.model, args.prompt, args.out)
+    out = explain(args.model, args.prompt, args.out, adapter=args.adapter, base=args.base)
     print(f"wrote {out}: open it in a browser")
     return 0

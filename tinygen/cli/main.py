@@ -21,16 +21,16 @@ from ..errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_DIVERGED, EXIT_INTERNAL, E
                       EXIT_WRITE_FAILED, RunDirBusy, TinygenError, WriteError)
 from ..plumbing.memory import reuse_freed_memory
 from ..train import TrainingDiverged
-from . import demo, exercises, explain, finetune, gradcheck, pretrain, sample, tokenizer
+from . import demo, exercises, explain, finetune, fixtures, gradcheck, pretrain, sample, tokenizer
 
-# in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, and the demo
-COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck, exercises, explain]
+# in the order of the story: tokenize, pretrain, fine-tune, sample, check gradients, golden files, learn, look
+COMMANDS = [demo, tokenizer, pretrain, finetune, sample, gradcheck, fixtures, exercises, explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinygen",
-        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients.",
+        description="A NumPy-only GPT-2: tokenize, pretrain, fine-tune, sample, check gradients, write golden fixtures.",
     )
     parser.add_argument("--version", action="version", version=f"tinygen {__version__}",
                         help="print tinygen's version and exit")

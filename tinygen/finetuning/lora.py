@@ -17,7 +17,8 @@ Names: the update of `h.0.attn.c_attn.weight` is stored as
 the same (in, out) orientation as GPT-2's Conv1D weights, so the code reads
 x @ A @ B. Hugging Face PEFT stores torch Linear weights (out, in): its
 `...c_attn.lora_A.weight` is our lora_A.T (r, C_in) and its
-`...c_attn.lora_B.weight` is our lora_B.T (N, r).
+`...c_attn.lora_B.weight` is our lora_B.T (N, r) (tinygen.finetuning.peft
+reads and writes that layout).
 
 Shapes: C_in input width, N output width, r rank; x is (..., C_in).
 """
