@@ -245,7 +245,8 @@ def moe_backward(dout, cache: MoECache, daux=0.0):
         d picked_j       = (d gate_j - sum_i d gate_i gate_i) / S
     scattered into d p[n, top[n, j]], plus aux's d p[n, e] = daux E f_e / N;
     the softmax: d z = p (d p - sum_e d p_e p_e); the router: a linear layer.
-    Uses every field of the cache.
+    Reads router, probs, top, gates, picked_sum, experts, weights and load; a
+    dropped assignment is in no expert's slots, so keep itself is not needed.
     """
     C, E = cache.router.w.shape
     fc_w, fc_b, proj_w, proj_b = cache.weights
