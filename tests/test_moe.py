@@ -586,3 +586,18 @@ def test_explain_traces_a_model_with_experts():
     t = trace(model, [1, 2, 3, 4, 5])
     assert len(t.attention) == 4 and len(t.lens) == 4  # one per block
     assert GPTConfig(**{**SMALL, "n_layer": 1}, n_expert=4).is_moe_block(0) is False
+
+
+def test_decode_step_fast_path_equals_full_forward_with_experts():
+    """kv_decoding.decode_step runs the experts too (no capacity): its logits are the full forward's."""
+    from tinygen.kv_decoding import Decoder, decode_step
+
+    model = moe_model(6, expert_top_k=1, capacity_factor=0.3)
+    assert Decoder(model, 2).fast
+    ids = np.random.default_rng(6).integers(0, 19, (2, 12))
+    full = model.forward(ids)
+    kv = KVCache(model.config, 2)
+    model.forward(ids[:, :3], kv=kv)
+    for n in range(3, 12):
+        np.testing.assert_allclose(decode_step(model.params, model.config, ids[:, n], kv), full[:, n],
+                                   rtol=1e-10, atol=1e-12)

@@ -170,7 +170,7 @@ def load_balancing_backward(daux, f, n_tokens, dtype):
 
 
 # ------------------------------------------------------------------ the layer
-class ExpertCache(NamedTuple):
+class ExpertCache(NamedTuple):  # an idle expert (M_e = 0) has only its empty slots
     slots: np.ndarray  # (M_e,) the kept assignments a = j*N + n this expert computed, in priority order
     fc: tuple  # LinearCache: x rows (M_e, C) -> (M_e, F)
     gelu: tuple  # GeluCache (M_e, F)
@@ -221,6 +221,9 @@ def moe_forward(x, router_w, router_b, fc_w, fc_b, proj_w, proj_b, top_k=2, capa
     experts = []
     for e in range(E):
         slots = order[starts[e]:starts[e] + kept[e]]  # (M_e,)
+        if not slots.size:  # an idle expert (decoding one token at a time leaves most idle)
+            experts.append(ExpertCache(slots, None, None, None, None))
+            continue
         rows = slots % N  # (M_e,) the tokens: distinct, a token picks an expert at most once
         h, fc = linear_forward(xf[rows], fc_w[e], fc_b[e])  # (M_e, F)
         h, gelu = gelu_forward(h)
