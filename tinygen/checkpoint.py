@@ -8,6 +8,7 @@
       train_state.safetensors  params, AdamW m/v/t, step: what --resume reads
       metrics.jsonl            one row per step
       loss.svg                 the loss curve
+      expert_load.svg          with experts: each expert's share of the tokens, per block
       data/                    token cache: train.npy, val.npy, tokens.json
 
 `save_model` / `load_model` write and read the first two as a GPTConfig and
@@ -124,6 +125,7 @@ def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
             raise TinygenError(f"{where}: {key!r} has dtype {value.dtype}; expected floating point weights")
         params[name] = value.astype(dtype, copy=False)
     expected = param_shapes(config)
+    _check_experts(params, expected, config, where)
     extra = sorted(set(params) - set(expected))
     if extra:
         raise TinygenError(f"{where}: {len(extra)} unexpected tensors, e.g. {extra[0]!r}; "
@@ -140,6 +142,20 @@ def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
             raise TinygenError(f"{where}: lm_head.weight differs from wte.weight; tinygen ties the LM head "
                                "to the token embedding, so it cannot load an untied head")
     return params
+
+
+def _check_experts(params, expected, config, where):
+    """Raise a clear error when the weights and config.json disagree about which blocks have experts."""
+    def blocks(names):  # "h.1.mlp.router.weight" -> "h.1"
+        return sorted({n.split(".mlp.")[0] for n in names if ".mlp.router." in n or ".mlp.experts." in n})
+
+    have, want = blocks(params), blocks(expected)
+    if have != want:
+        holds = f"experts in {', '.join(have)}" if have else "no experts"
+        says = f"experts in {', '.join(want)}" if want else "a dense GPT-2"
+        raise TinygenError(f"{where}: the weights have {holds}, but config.json describes {says} "
+                           f"(n_expert={config.n_expert}, moe_every={config.moe_every}); "
+                           "is config.json the one of these weights?")
 
 
 # ------------------------------------------------------------------ training state

@@ -14,6 +14,8 @@ import numpy as np
 from .errors import TinygenError
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon; tinygen.layers.layernorm_forward's default
+# config.json of a model with experts: a model type transformers does not know (see to_hf)
+MOE_MODEL_TYPE, MOE_ARCHITECTURE = "tinygen_moe", "TinygenMoEForCausalLM"
 
 
 # ------------------------------------------------------------------ one validation helper
@@ -122,6 +124,16 @@ class GPTConfig:
     n_embd: int = option(None, "width C of the residual stream", POSITIVE)
     dropout: float = option(0.0, "dropout probability while training (0 = off)", PROBABILITY)
     dtype: str = option("float32", "float32 or float64 parameters and activations", one_of("float32", "float64"))
+    # mixture of experts (tinygen.moe, docs/moe.md); n_expert=0 is the dense GPT-2
+    n_expert: int = option(0, "experts E in each mixture-of-experts block (0 = dense GPT-2, no experts)", NON_NEGATIVE)
+    expert_top_k: int = option(2, "experts k each token is routed to (GLaM: 2), at most n_expert", POSITIVE)
+    moe_every: int = option(2, "every moe_every-th block has experts: blocks moe_every-1, 2*moe_every-1, ... "
+                            "(GLaM: 2, every other block)", POSITIVE)
+    aux_loss_coef: float = option(0.01, "weight of the experts' load-balancing loss in the training loss",
+                                  number(0.0))
+    capacity_factor: Optional[float] = option(None, "each expert takes at most ceil(factor * tokens * k / E) "
+                                              "tokens of a training batch, the rest skip the layer "
+                                              "(None = no limit)", optional(number(0.0, low_open=True)))
 
     def __post_init__(self):
         validate(self)
@@ -129,6 +141,17 @@ class GPTConfig:
             raise TinygenError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        if self.n_expert and self.expert_top_k > self.n_expert:
+            raise TinygenError(f"GPTConfig.expert_top_k ({self.expert_top_k}) must be at most "
+                               f"n_expert ({self.n_expert}): a token cannot pick more experts than there are")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Block i has experts (a router and n_expert MLPs) instead of one MLP: every moe_every-th block.
+
+        >>> [GPTConfig(8, 4, 4, 1, 4, n_expert=2).is_moe_block(i) for i in range(4)]
+        [False, True, False, True]
+        """
+        return self.n_expert > 0 and (i + 1) % self.moe_every == 0
 
     @property
     def head_size(self) -> int:
@@ -142,7 +165,25 @@ class GPTConfig:
         return asdict(self)
 
     def to_hf(self) -> dict:
-        """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
+        """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads.
+
+        With experts (n_expert > 0) the weights are no GPT-2's, so the file must
+        not pass for one: model_type "tinygen_moe", which transformers' Auto
+        classes refuse ("does not recognize this architecture"), and the shape
+        keys (n_embd, n_layer, ...) only under "tinygen", so that even a forced
+        GPT2LMHeadModel.from_pretrained builds GPT-2's default 768-wide model and
+        stops on the size mismatch instead of loading with the MLPs missing.
+        """
+        if self.n_expert:
+            return {
+                "model_type": MOE_MODEL_TYPE,
+                "architectures": [MOE_ARCHITECTURE],
+                "activation_function": "gelu_new",
+                "layer_norm_epsilon": LAYER_NORM_EPS,
+                "tie_word_embeddings": True,
+                "torch_dtype": self.dtype,
+                "tinygen": self.to_dict(),
+            }
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -169,21 +210,29 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote).
+        """Read a Hugging Face GPT-2 config.json dict (or one tinygen wrote, with or without experts).
 
         Sizes must be JSON integers; anything else (a string, 768.0, true,
         null, a missing field) is a TinygenError naming `where` and the field.
         """
         if not isinstance(hf, dict):
             raise TinygenError(f"{where}: expected a JSON object, got {type(hf).__name__}")
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise TinygenError(f"{where}: model_type must be 'gpt2', got {hf.get('model_type')!r:.60}")
+        model_type = hf.get("model_type", "gpt2")
+        if model_type == MOE_MODEL_TYPE:
+            return cls._from_moe_hf(hf, where)
+        if model_type != "gpt2":
+            raise TinygenError(f"{where}: model_type must be 'gpt2' or {MOE_MODEL_TYPE!r} (tinygen's mixture of "
+                               f"experts), got {model_type!r:.60}")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise TinygenError(f"{where}: activation_function {act!r:.60} is not GPT-2's tanh GELU")
         extra = hf.get("tinygen", {})
         if not isinstance(extra, dict):
             raise TinygenError(f"{where}: \"tinygen\" must be an object, got {type(extra).__name__}")
+        if extra.get("n_expert"):
+            raise TinygenError(f"{where}: model_type 'gpt2' with n_expert={extra['n_expert']!r:.20} under 'tinygen': "
+                               f"a checkpoint with experts says model_type {MOE_MODEL_TYPE!r}; this file is "
+                               "inconsistent, so tinygen will not guess which half is right")
         missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
         missing += [] if "n_positions" in hf or "n_ctx" in hf else ["n_positions"]
         if missing:
@@ -202,3 +251,22 @@ class GPTConfig:
         if hf.get("n_inner") not in (None, 4 * config.n_embd):
             raise TinygenError(f"{where}: n_inner must be 4 * n_embd (GPT-2's MLP width)")
         return config
+
+    @classmethod
+    def _from_moe_hf(cls, hf: dict, where: str) -> "GPTConfig":
+        """The config.json of a model with experts: every field under "tinygen" (see to_hf)."""
+        values = hf.get("tinygen")
+        if not isinstance(values, dict):
+            raise TinygenError(f"{where}: model_type {MOE_MODEL_TYPE!r} needs a 'tinygen' object "
+                               "holding the model's fields")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TinygenError(f"{where}: unknown field {unknown[0]!r:.60} under 'tinygen'; written by a newer "
+                               "tinygen?")
+        if not values.get("n_expert"):
+            raise TinygenError(f"{where}: model_type {MOE_MODEL_TYPE!r} but n_expert under 'tinygen' is "
+                               f"{values.get('n_expert')!r:.20}: a model with experts needs n_expert > 0")
+        try:
+            return cls(**values)
+        except TinygenError as e:  # "GPTConfig.n_embd must be a positive integer, got '128'"
+            raise TinygenError(f"{where}: {str(e).replace('GPTConfig.', '')} (under 'tinygen')") from None

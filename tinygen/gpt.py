@@ -103,7 +103,7 @@ class GPT:
         return loss + sum(value for _, value in cache.aux)
 
     def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None, scale: float = 1.0,
-                       return_aux: bool = False):
+                       return_aux: bool = False, stats: Optional[dict] = None):
         """Forward, cross-entropy and backward. targets (B,T) ids, -1 to ignore.
 
         rng drives dropout (pass one while training when config.dropout > 0).
@@ -112,6 +112,8 @@ class GPT:
         Returns (loss: float, grads: dict with the keys and shapes of params).
         The loss includes the parts' auxiliary losses (none for GPT-2); with
         return_aux=True a third item gives them apart, {name: value}.
+        stats: a dict that receives the parts' measurements, {metric: {name: value}}
+        (the experts' load: tinygen.moe); GPT-2's parts measure nothing.
         """
         idx = check_ids(idx, self.config)
         targets = check_ids(targets, self.config, "targets", allow_ignore=True)
@@ -125,4 +127,6 @@ class GPT:
         for name, value in cache.aux:
             aux[name] = aux.get(name, 0.0) + value
         loss += sum(aux.values())
+        if stats is not None:
+            stats.update(cache.stats)
         return (loss, grads, aux) if return_aux else (loss, grads)

@@ -35,10 +35,12 @@ from .data import (DataConfig, RandomBatches, TokenData, builtin_corpus, fixed_b
                    read_documents, split_documents, text_slice, token_cache)
 from .errors import TinygenError
 from .gpt import GPT
+from .moe import active_params
 from .plumbing.fileio import atomic_write_json, make_dirs, read_json
 from .plumbing.lock import run_lock
 from .plumbing.progress import Progress
-from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE
+from .plumbing.rundir import (CONFIG, DATA_DIR, EXPERT_LOAD_SVG, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG,
+                              TRAIN_STATE)
 from .sampling import generate
 from .tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from .train import TrainConfig, TrainResult, train
@@ -209,7 +211,7 @@ def start_run(settings: RunSettings, *, resume: bool = False, overwrite: bool = 
                                f"--resume {run_dir} [--max-steps N], start over with --overwrite, or pick "
                                f"another --out")
         make_dirs(run_dir)
-        for name in (TRAIN_STATE, MODEL, CONFIG, METRICS, LOSS_SVG):
+        for name in (TRAIN_STATE, MODEL, CONFIG, METRICS, LOSS_SVG, EXPERT_LOAD_SVG):
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     atomic_write_json(os.path.join(run_dir, TRAIN_CONFIG), settings.to_json())
@@ -296,7 +298,9 @@ def train_model(settings: RunSettings, tok: Tokenizer, tokens: TokenData, *, res
     """
     config = settings.train
     model = GPT(config.model_config(tok.vocab_size), seed=config.seed)
-    say(f"{model.num_params / 1e6:.2f}M parameters, {tokens.train.size:,} training tokens, "
+    active = f" ({active_params(model.params, model.config.expert_top_k) / 1e6:.2f}M active per token)" \
+        if model.config.n_expert else ""
+    say(f"{model.num_params / 1e6:.2f}M parameters{active}, {tokens.train.size:,} training tokens, "
         f"{tokens.val.size:,} validation tokens; {config.max_steps} steps of {config.tokens_per_step:,} tokens")
     batches = RandomBatches(tokens.train, config.batch_size * config.grad_accum, config.block_size, config.seed)
     val = fixed_batches(tokens.val, config.eval_batches, config.batch_size, config.block_size, config.seed)

@@ -82,8 +82,8 @@ def target_weights(params: dict, targets) -> list:
     >>> target_weights({"h.0.attn.c_attn.weight": 0, "h.0.mlp.c_fc.weight": 0}, ["c_attn"])
     ['h.0.attn.c_attn.weight']
     """
-    return [k for k in params if k.startswith("h.") and k.endswith(".weight")
-            and is_target(k[: -len(".weight")], targets)]
+    return [k for k in params if k.startswith("h.") and k.endswith(".weight") and np.ndim(params[k]) < 3
+            and is_target(k[: -len(".weight")], targets)]  # not a mixture's stacked (E, C_in, N) experts
 
 
 def init_lora(params: dict, spec: LoraSpec, rng: np.random.Generator) -> dict:

@@ -8,6 +8,7 @@
       train_state.safetensors  TRAIN_STATE   params, AdamW m/v/t, step: what --resume reads
       metrics.jsonl            METRICS       one row per step
       loss.svg                 LOSS_SVG      the loss curve
+      expert_load.svg          EXPERT_LOAD_SVG  with experts: each expert's share of the tokens, per block
       data/                    DATA_DIR      the token cache (tinygen.data.token_cache):
         train.npy              TRAIN_TOKENS    training split, memory-mapped
         val.npy                VAL_TOKENS      validation split
@@ -33,6 +34,7 @@ TRAIN_CONFIG = "train_config.json"
 TRAIN_STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
 LOSS_SVG = "loss.svg"
+EXPERT_LOAD_SVG = "expert_load.svg"
 DATA_DIR = "data"
 TRAIN_TOKENS = "train.npy"
 VAL_TOKENS = "val.npy"
