@@ -198,6 +198,32 @@ def test_a_bidirectional_checkpoint_says_what_it_is_and_round_trips(tmp_path):
     assert hf_causal["model_type"] == "gpt2" and hf_causal["tinygen"]["causal"] is True
 
 
+def test_a_bidirectional_model_with_experts_is_tinygen_moe_and_round_trips(tmp_path):
+    """Both at once: model_type tinygen_moe (one type per file), causal=False under "tinygen";
+    its parts are bidirectional attention and the expert MLP, and it computes the same after loading."""
+    from tinygen.parts import BIDIRECTIONAL_SELF_ATTENTION, EXPERT_MLP
+
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, n_expert=4, causal=False)
+    model = GPT(config, seed=0)
+    assert model.parts.attention is BIDIRECTIONAL_SELF_ATTENTION and model.parts.mlp is EXPERT_MLP
+    model.save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["model_type"] == "tinygen_moe" and hf["tinygen"]["causal"] is False
+    back = GPT.from_pretrained(tmp_path)
+    assert back.config == config
+    idx = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(back.forward(idx), model.forward(idx))
+
+
+def test_a_bidirectional_config_json_with_experts_under_tinygen_is_refused(tmp_path):
+    tiny_model(config=dataclasses.replace(CONFIG, causal=False)).save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["tinygen"]["n_expert"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(TinygenError, match="tinygen_moe"):
+        read_config(tmp_path)
+
+
 @pytest.mark.parametrize("model_type, causal", [("gpt2", False), ("tinygen_bidirectional", True)])
 def test_config_json_whose_model_type_and_causal_disagree_is_refused(tmp_path, model_type, causal):
     tiny_model().save_pretrained(tmp_path)

@@ -41,7 +41,9 @@ def test_cli_gradcheck_passes_every_row(default_run):
     rows = table_rows(out)
     layers = {columns(row)[0] for row in rows}
     assert {"linear", "embedding", "layernorm", "gelu", "causal attention", "cross-entropy",
-            "transformer block", "GPT (whole model)", "GPT + LoRA/adapters/prompt"} <= layers
+            "transformer block", "GPT (whole model)", "GPT + LoRA/adapters/prompt", "moe layer (top-2 of 4)",
+            "moe layer (capacity 0.5)", "moe mlp part (training)", "transformer block (experts)",
+            "GPT + experts (whole model)"} <= layers
     assert all(row.endswith(" pass") for row in rows)
     assert len(rows) == sum(len(tensors) for _, tensors in all_checks(max_coords=4))
     assert f"\n{len(rows)}/{len(rows)} passed (threshold 1e-06) in " in out

@@ -11,14 +11,8 @@ import pytest
 from tinygen.cli import tokenizer as command
 from tinygen.errors import TinygenError
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
+from shared import TEXT
 
-TEXT = (
-    "Hello world! It's a test: don't, won't, I'M, we'Ve 'll.\n"
-    "def f(x):\n    return x ** 2  # comment\n\n\n\t\tindented\r\n"
-    "Numbers 1 12 123 1234 12345 3.14159 1,000,000 ١٢٣ Ⅻ ½.\n"
-    "Unicode: naïve café ΣΑΣ русский 日本語 한국어 עברית العربية 😀👍🏽👨‍👩‍👧 e\u0301 \u00a0\u3000\u2028.\n"
-    "   trailing spaces   \n" + " " * 40 + "x" + "\n" * 5 + "!!!???..." + "a" * 300 + "\n"
-)
 TOKENIZER_DOC = Path(__file__).resolve().parent.parent / "docs" / "tokenizer.md"
 SHOW_LINE = re.compile(r"""^( *)(\d+)  (b?'.*'|b?".*")$""")  # an id right-aligned in 7 columns, two spaces, the token
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinygen import TinygenError
+from tinygen import GPT, TinygenError
 from tinygen.checkpoint import checkpoint_step, load_model
 from tinygen.cli import main
 from tinygen.data import stdlib_module
@@ -65,10 +65,18 @@ def test_tiny_demo_writes_report(tmp_path):
     assert "ROUGE-L F1" in text and "subtoken F1" in text and "beyond noise" in text and "greedy_min1" in text
     for svg in ("finetune_loss.svg", "pretrain/loss.svg"):
         assert (out / svg).read_text().startswith("<svg")
+    page = (out / "explain.html").read_text()  # the report links tinygen explain's page of the LoRA run
+    assert "](explain.html)" in text and page.startswith("<!DOCTYPE html>") and 'class="heatmap"' in page
     for run in ("pretrained_full", "pretrained_lora", "scratch_full", "single_name"):
         assert os.path.isfile(out / run / "eval.json")
     settings = read_settings(out / "pretrain")  # the demo's settings file is a pretraining run's
     assert settings.command == "demo" and settings.train.max_steps == TINY["pretrain_steps"]
+    moved = tmp_path / "moved" / "demo"  # the demo's output travels: every run in it loads and samples (tinygen.runs)
+    os.renames(out, moved)
+    for run in ("pretrain", "pretrained_full", "pretrained_lora", "scratch_full", "single_name"):
+        assert GPT.from_pretrained(moved / run).config.n_layer == TINY["n_layer"], run
+        assert main(["sample", "--model", str(moved / run), "--prompt", "def ", "--max-new-tokens", "3",
+                     "--seed", "0"]) == 0, run
 
 
 def test_pretraining_corpus_leaves_out_held_out_modules(tmp_path):

@@ -14,6 +14,8 @@
 - README's tables: the module table covers every module of tinygen/, the command
   table says which commands take --seed exactly as the parser does.
 - Every speed ratio quoted anywhere is one measured in docs/performance.md.
+- Every docs page is on the learning path (docs/README.md): it says what it assumes and
+  where it sits, and the path links it.
 """
 import contextlib
 import inspect
@@ -232,6 +234,15 @@ def test_every_link_and_anchor_exists(page, link):
         assert anchor in {slug(h) for h in headings}, f"{page.name} links to {link}: no such heading"
 
 
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md"], ids=lambda p: p.name)
+def test_every_page_is_on_the_learning_path(page):
+    """docs/README.md is the learning path: every page opens with what it assumes and where it
+    sits in the path (its second line), and the path links every page."""
+    second = page.read_text(encoding="utf-8").splitlines()[1]
+    assert second.startswith("> Assumes:") and "[learning path](README.md)" in second, (page.name, second)
+    assert f"]({page.name})" in (DOCS / "README.md").read_text(encoding="utf-8"), f"docs/README.md never links {page.name}"
+
+
 # ------------------------------------------------------------------ README's tables
 def readme_table(first_header):
     """Rows (lists of cells) of README's markdown table whose first header cell is `first_header`."""
@@ -340,12 +351,13 @@ def test_training_md_evaluation_line_is_the_loops(tiny_run):
 
 def test_training_md_run_directory_is_what_checkpoint_names(tiny_run):
     from tinygen import checkpoint
+    from tinygen.plumbing.rundir import LOCK_FILE
 
     text = (DOCS / "training.md").read_text(encoding="utf-8")
     listing = re.search(r"```text\nRUN_DIR/\n(.*?)```", text, re.DOTALL).group(1)
     shown = {line.split()[0].rstrip("/") for line in listing.splitlines() if line.strip()}
     names = {checkpoint.CONFIG, checkpoint.MODEL, checkpoint.TOKENIZER, checkpoint.TRAIN_CONFIG,
-             checkpoint.TRAIN_STATE, checkpoint.METRICS, checkpoint.LOSS_SVG, checkpoint.DATA_DIR}
+             checkpoint.TRAIN_STATE, checkpoint.METRICS, checkpoint.LOSS_SVG, checkpoint.DATA_DIR, LOCK_FILE}
     assert shown == names
     _, _, run_dir = tiny_run  # the loop alone writes the model, train state, metrics and curve
     written = {p.name for p in run_dir.iterdir()}

@@ -5,20 +5,11 @@ import numpy as np
 import pytest
 
 from tinygen import GPT, KVCache
-from tinygen.config import GPTConfig
 from tinygen.errors import TinygenError
 from tinygen.finetuning.prompt_tuning import init_prompt, prompt_embed
 from tinygen.kv_decoding import Decoder, decode_step
 from tinygen.sampling import generate
-
-
-def tiny_model(vocab=11, block=8, layers=2, heads=2, embd=8, dtype="float64", seed=1, scale=1.0):
-    """A small GPT with weights far from the init's, so greedy text does not just repeat."""
-    model = GPT(GPTConfig(vocab, block, layers, heads, embd, dtype=dtype), seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for k, v in model.params.items():
-        model.params[k] = (v + rng.normal(0, scale, v.shape)).astype(v.dtype)
-    return model
+from shared import tiny_model
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])

@@ -7,9 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 
-from tinygen.config import GPTConfig
-from tinygen.errors import TinygenError
 from tinygen import GPT
+from tinygen.errors import TinygenError
 from tinygen.sampling import (
     generate,
     suppress_tokens,
@@ -24,14 +23,7 @@ from tinygen.sampling import (
     top_p_filter,
 )
 
-
-def tiny_model(vocab=11, block=8, layers=2, heads=2, embd=8, dtype="float64", seed=1, scale=1.0):
-    """A small GPT with weights far from the init's, so greedy text does not just repeat."""
-    model = GPT(GPTConfig(vocab, block, layers, heads, embd, dtype=dtype), seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for k, v in model.params.items():
-        model.params[k] = (v + rng.normal(0, scale, v.shape)).astype(v.dtype)
-    return model
+from shared import tiny_model
 
 
 class ByteTokenizer:

@@ -218,12 +218,12 @@ class NanAt:
         self.model, self.params, self.calls, self.bad_call = model, model.params, 0, bad_call
         self.lock = threading.Lock()  # shards call from worker threads
 
-    def loss_and_grads(self, x, y, rng=None, scale=1.0):
+    def loss_and_grads(self, x, y, rng=None, scale=1.0, **options):
         with self.lock:
             self.calls += 1
             bad = self.calls == self.bad_call
-        loss, grads = self.model.loss_and_grads(x, y, rng, scale)
-        return (float("nan") if bad else loss), grads
+        loss, *rest = self.model.loss_and_grads(x, y, rng, scale, **options)
+        return (float("nan") if bad else loss), *rest
 
     def loss(self, x, y):
         return self.model.loss(x, y)

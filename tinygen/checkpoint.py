@@ -8,6 +8,7 @@
       train_state.safetensors  params, AdamW m/v/t, step: what --resume reads
       metrics.jsonl            one row per step
       loss.svg                 the loss curve
+      expert_load.svg          with experts: each expert's share of the tokens, per block
       data/                    token cache: train.npy, val.npy, tokens.json
 
 `save_model` / `load_model` write and read the first two as a GPTConfig and
@@ -25,17 +26,19 @@ first and train_state.safetensors last, each atomically, so the train state
 is the commit point: whatever instant a run dies, train_state.safetensors is
 one whole consistent checkpoint, and model.safetensors is that one or newer.
 """
+import contextlib
 import dataclasses
 import json
+import math
 import os
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import LAYER_NORM_EPS, GPTConfig
-from .errors import TinygenError
+from .errors import TinygenError, WriteError
 from .model import param_shapes
-from .plumbing.fileio import atomic_write_json, read_json
+from .plumbing.fileio import atomic_write_json, make_dirs, parse_json, read_json
 from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE  # noqa: F401
 from .plumbing.safetensors import load_file, load_metadata, save_file
 
@@ -60,7 +63,7 @@ def save_model(directory, config: GPTConfig, params: dict) -> None:
     ...), which GPT2LMHeadModel loads under its `transformer.` prefix.
     """
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(directory)
     atomic_write_json(os.path.join(directory, CONFIG), config.to_hf())
     save_file(dict(params), os.path.join(directory, MODEL), metadata={"format": "pt"})
 
@@ -91,13 +94,14 @@ def read_config(directory) -> GPTConfig:
                            "(config.json + model.safetensors)")
     hf = read_json(path, what="model config")
     if not isinstance(hf, dict):
-        raise TinygenError(f"{path}: expected a JSON object")
+        raise TinygenError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    if not isinstance(eps, (int, float)) or abs(eps - LAYER_NORM_EPS) > 1e-12:
-        raise TinygenError(f"{path}: layer_norm_epsilon {eps!r}: tinygen's layer norm uses GPT-2's {LAYER_NORM_EPS}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not abs(eps - LAYER_NORM_EPS) <= 1e-12:
+        raise TinygenError(f"{path}: layer_norm_epsilon {eps!r:.40}: tinygen's layer norm uses GPT-2's "
+                           f"{LAYER_NORM_EPS}")
     if hf.get("tie_word_embeddings", True) is not True:
         raise TinygenError(f"{path}: tie_word_embeddings is false; tinygen ties the LM head to wte")
-    return GPTConfig.from_hf(hf)
+    return GPTConfig.from_hf(hf, where=path)
 
 
 def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
@@ -121,6 +125,7 @@ def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
             raise TinygenError(f"{where}: {key!r} has dtype {value.dtype}; expected floating point weights")
         params[name] = value.astype(dtype, copy=False)
     expected = param_shapes(config)
+    _check_experts(params, expected, config, where)
     extra = sorted(set(params) - set(expected))
     if extra:
         raise TinygenError(f"{where}: {len(extra)} unexpected tensors, e.g. {extra[0]!r}; "
@@ -137,6 +142,20 @@ def hf_params(tensors: dict, config: GPTConfig, where="checkpoint") -> dict:
             raise TinygenError(f"{where}: lm_head.weight differs from wte.weight; tinygen ties the LM head "
                                "to the token embedding, so it cannot load an untied head")
     return params
+
+
+def _check_experts(params, expected, config, where):
+    """Raise a clear error when the weights and config.json disagree about which blocks have experts."""
+    def blocks(names):  # "h.1.mlp.router.weight" -> "h.1"
+        return sorted({n.split(".mlp.")[0] for n in names if ".mlp.router." in n or ".mlp.experts." in n})
+
+    have, want = blocks(params), blocks(expected)
+    if have != want:
+        holds = f"experts in {', '.join(have)}" if have else "no experts"
+        says = f"experts in {', '.join(want)}" if want else "a dense GPT-2"
+        raise TinygenError(f"{where}: the weights have {holds}, but config.json describes {says} "
+                           f"(n_expert={config.n_expert}, moe_every={config.moe_every}); "
+                           "is config.json the one of these weights?")
 
 
 # ------------------------------------------------------------------ training state
@@ -172,9 +191,15 @@ def load_train_state(path) -> TrainState:
         raise TinygenError(f"{path}: training state version {meta.get('version')!r}; "
                            f"this tinygen reads version {TRAIN_STATE_VERSION}")
     try:
-        step, info = int(meta["step"]), json.loads(meta.get("info", "{}"))
-    except (KeyError, ValueError) as e:
-        raise TinygenError(f"{path}: malformed metadata: {e}") from None
+        step, info = int(meta["step"]), parse_json(meta.get("info", "{}"), f"{path}: metadata \"info\"")
+    except (KeyError, ValueError) as e:  # TinygenError is a ValueError
+        raise TinygenError(f"{path}: malformed metadata: {str(e)[:200]}") from None
+    if step < 0 or not isinstance(info, dict):
+        raise TinygenError(f"{path}: malformed metadata: step {step}, info of type {type(info).__name__}")
+    elapsed, workers = info.get("elapsed_s", 0.0), info.get("workers")
+    if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed)
+            or workers is not None and (isinstance(workers, bool) or not isinstance(workers, int))):
+        raise TinygenError(f"{path}: malformed metadata: elapsed_s {elapsed!r:.40}, workers {workers!r:.40}")
     tensors = load_file(path)
     params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     optimizer = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
@@ -190,3 +215,37 @@ def checkpoint_step(run_dir):
         return int(load_metadata(path)["step"])
     except (KeyError, ValueError):
         raise TinygenError(f"{path}: no step in its metadata; not a tinygen training state") from None
+
+
+# ------------------------------------------------------------------ what a failed write leaves behind
+def kept_in(run_dir) -> str:
+    """What RUN_DIR holds for a user told that a write failed: its last good checkpoint.
+
+    "the last good checkpoint, at step 40, in runs/x" (train_state.safetensors
+    is the commit point, so this is a whole checkpoint whatever failed).
+    """
+    run_dir = os.fspath(run_dir)
+    try:
+        step = checkpoint_step(run_dir)
+    except (TinygenError, OSError):
+        step = None
+    if step is None:
+        return f"no checkpoint in {run_dir} yet (and no half-written file)"
+    return f"the last good checkpoint, at step {step}, in {run_dir}"
+
+
+@contextlib.contextmanager
+def report_kept(run_dir):
+    """Let a WriteError raised inside say what RUN_DIR still holds (`kept_in`).
+
+    >>> with report_kept("runs/x"):       # a save into runs/x that finds the disk full
+    ...     raise WriteError("runs/x/model.safetensors", OSError(28, "No space left on device"))
+    Traceback (most recent call last):
+    tinygen.errors.WriteError: cannot write runs/x/model.safetensors: No space left on device (ENOSPC); kept: no checkpoint in runs/x yet (and no half-written file)
+    """
+    try:
+        yield
+    except WriteError as e:
+        if e.kept is None:
+            e.kept = kept_in(run_dir)
+        raise

@@ -26,8 +26,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .config import POSITIVE, number, one_of, optional, option, validate
-from .errors import TinygenError
-from .plumbing.fileio import atomic_open, atomic_write_json, read_json
+from .errors import TinygenError, WriteError
+from .plumbing.fileio import atomic_open, atomic_write_json, make_dirs, read_json
 from .plumbing.rundir import TOKENS_INFO, TRAIN_TOKENS, VAL_TOKENS
 from .tokenizer.tokenizer import ENDOFTEXT
 
@@ -322,12 +322,20 @@ class TokenData(NamedTuple):
 
 
 def load_token_cache(data_dir, tokenizer=None) -> Optional[TokenData]:
-    """The cached arrays, or None if absent or made with another tokenizer."""
+    """The cached arrays, or None if absent, damaged, or made with another tokenizer.
+
+    A cache is only ever rebuilt, never trusted in part: a tokens.json that
+    does not parse, or arrays that are not 1-D integer arrays of the sizes
+    it records, make this return None (and the caller tokenize again).
+    """
     path = os.path.join(data_dir, TOKENS_INFO)
     if not os.path.isfile(path):
         return None
-    info = read_json(path, what="token cache description")
-    if info.get("format") != CACHE_FORMAT or info.get("version") != CACHE_VERSION:
+    try:
+        info = read_json(path, what="token cache description")
+    except (TinygenError, OSError):
+        return None  # damaged: rebuild
+    if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT or info.get("version") != CACHE_VERSION:
         return None
     if tokenizer is not None and info.get("tokenizer_sha256") != tokenizer_digest(tokenizer):
         return None
@@ -336,6 +344,8 @@ def load_token_cache(data_dir, tokenizer=None) -> Optional[TokenData]:
                   for split in ("train", "val")]
     except (OSError, ValueError):
         return None  # a file missing or damaged: rebuild
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
+        return None
     if [a.size for a in arrays] != [info.get("train_tokens"), info.get("val_tokens")]:
         return None
     return TokenData(arrays[0], arrays[1], info)
@@ -345,15 +355,24 @@ def token_cache(data_dir, tokenizer, train_docs, val_docs, progress=None, extra=
     """Tokenize both splits once into data_dir/{train,val}.npy; later calls memory-map them.
 
     data_dir/tokens.json records the tokenizer's and the corpus's sha256; if
-    either differs from the cache's, the cache is rebuilt. tokens.json is
-    written last, so an interrupted build is never mistaken for a whole one.
+    either differs from the cache's, the cache is rebuilt. The rebuild
+    removes tokens.json first and writes it last, so a build that is
+    interrupted (Ctrl-C, SIGKILL, a full disk) leaves no description that a
+    later start could take for a whole cache: at worst new train.npy next to
+    old val.npy with no tokens.json, which is rebuilt.
     `extra`: more JSON-ready entries for tokens.json.
     """
     corpus = digest(train_docs) + digest(val_docs)
     cached = load_token_cache(data_dir, tokenizer)
     if cached is not None and cached.info.get("corpus_sha256") == corpus:
         return cached
-    os.makedirs(data_dir, exist_ok=True)
+    make_dirs(data_dir)
+    description = os.path.join(data_dir, TOKENS_INFO)
+    try:
+        if os.path.lexists(description):
+            os.remove(description)  # the old cache stops being trusted before any of it changes
+    except OSError as e:
+        raise WriteError(description, e) from e
     info = {"format": CACHE_FORMAT, "version": CACHE_VERSION,
             "tokenizer_sha256": tokenizer_digest(tokenizer), "corpus_sha256": corpus,
             "dtype": str(token_dtype(tokenizer.vocab_size)), **(extra or {})}
@@ -366,7 +385,7 @@ def token_cache(data_dir, tokenizer, train_docs, val_docs, progress=None, extra=
         info[f"{split}_tokens"] = int(ids.size)
         info[f"{split}_bytes"] = sum(map(_nbytes, docs))
         info[f"{split}_documents"] = len(docs)
-    atomic_write_json(os.path.join(data_dir, TOKENS_INFO), info)
+    atomic_write_json(description, info)  # the commit point
     return load_token_cache(data_dir, tokenizer)
 
 

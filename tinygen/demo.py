@@ -31,12 +31,14 @@ import numpy as np
 from .config import NON_NEGATIVE, POSITIVE, number, one_of, optional, option, validate
 from .data import DataConfig
 from .errors import TinygenError
+from .explain import explain
 from .finetuning.evaluate import evaluate_tasks, few_shot_examples, task_metrics
 from .finetuning.metrics import LOSS, beyond_noise, example_stats, paired_bootstrap, values
 from .finetuning.finetune import FinetuneConfig, run as finetune
 from .finetuning.tasks import TASKS, builtin_examples, encode_examples, heldout_modules
 from .gpt import GPT
 from .plumbing.fileio import atomic_write_json, atomic_write_text
+from .plumbing.lock import run_lock
 from .plumbing.metrics import read_metrics
 from .plumbing.plot import loss_svg
 from .plumbing.progress import format_duration
@@ -48,6 +50,7 @@ from .train import TrainConfig
 # OUT/: the demo's own files; each run directory inside it has the files of tinygen.plumbing.rundir
 PRETRAIN_DIR, SCRATCH_DIR = "pretrain", "scratch-base"
 REPORT_JSON, REPORT_MD, FINETUNE_SVG = "report.json", "report.md", "finetune_loss.svg"
+EXPLAIN_HTML = "explain.html"  # tinygen explain's page of the LoRA run on one test example
 LR = number(0.0, low_open=True)  # a learning rate: a positive number
 
 
@@ -160,36 +163,51 @@ def finetune_runs(cfg: DemoConfig, out, tok, base_dir, scratch_dir, splits, prog
 
 
 def run(out="tinygen-demo", cfg: DemoConfig = DemoConfig(), progress=True) -> dict:
-    """The whole demo into `out`; returns the report (also OUT/report.json and OUT/report.md)."""
+    """The whole demo into `out`; returns the report (also OUT/report.json and OUT/report.md).
+
+    OUT is locked for the whole demo (tinygen.plumbing.lock): a second demo into it gets RunDirBusy.
+    """
     t_start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    say("[1/6] tasks: deriving summarize / name / args examples from the standard library with ast")
-    splits = builtin_examples()
-    train_split = splits["train"] if cfg.train_examples is None else subset(splits["train"], cfg.train_examples, cfg.seed)
-    splits = {"train": train_split, "val": subset(splits["val"], 64, cfg.seed),
-              "test": subset(splits["test"], cfg.eval_examples, cfg.seed)}
-    pretrained = pretrain_stage(cfg, out, progress)
-    tok, base_dir = pretrained.tokenizer, os.path.join(out, PRETRAIN_DIR)
-    times = {"tokenizer_s": pretrained.seconds["data_s"], "pretrain_s": pretrained.seconds["train_s"]}
-    scratch_dir = os.path.join(out, SCRATCH_DIR)
-    base = GPT.from_pretrained(base_dir)
-    GPT(base.config, seed=cfg.seed + 1).save_pretrained(scratch_dir)  # same shape, random weights
-    tok.save(os.path.join(scratch_dir, TOKENIZER))
-    t = time.perf_counter()
-    runs = finetune_runs(cfg, out, tok, base_dir, scratch_dir, splits, progress)
-    times["finetune_s"] = time.perf_counter() - t
-    say(f"[5/6] evaluate: the pretrained model few-shot (k={cfg.few_shot_k}) on {len(splits['test'])} test examples")
-    t = time.perf_counter()
-    shots = few_shot_examples(splits["test"], splits["train"], cfg.few_shot_k)
-    few = evaluate_tasks(base, tok, shots, cfg.accuracy_examples, cut_newline=True)
-    examples = sample_completions(GPT.from_pretrained(os.path.join(out, "pretrained_full")), tok, splits["test"],
-                                  seed=cfg.seed)
-    times["evaluate_s"] = time.perf_counter() - t
-    report = build_report(cfg, runs, few, times, time.perf_counter() - t_start, examples)
-    say("[6/6] report")
-    write_report(out, report, runs)
-    say(f"done in {format_duration(report['elapsed_s'])}: {os.path.join(out, REPORT_MD)}")
+    with run_lock(out):  # creates OUT
+        say("[1/6] tasks: deriving summarize / name / args examples from the standard library with ast")
+        splits = builtin_examples()
+        train_split = (splits["train"] if cfg.train_examples is None
+                       else subset(splits["train"], cfg.train_examples, cfg.seed))
+        splits = {"train": train_split, "val": subset(splits["val"], 64, cfg.seed),
+                  "test": subset(splits["test"], cfg.eval_examples, cfg.seed)}
+        pretrained = pretrain_stage(cfg, out, progress)
+        tok, base_dir = pretrained.tokenizer, os.path.join(out, PRETRAIN_DIR)
+        times = {"tokenizer_s": pretrained.seconds["data_s"], "pretrain_s": pretrained.seconds["train_s"]}
+        scratch_dir = os.path.join(out, SCRATCH_DIR)
+        base = GPT.from_pretrained(base_dir)
+        GPT(base.config, seed=cfg.seed + 1).save_pretrained(scratch_dir)  # same shape, random weights
+        tok.save(os.path.join(scratch_dir, TOKENIZER))
+        t = time.perf_counter()
+        runs = finetune_runs(cfg, out, tok, base_dir, scratch_dir, splits, progress)
+        times["finetune_s"] = time.perf_counter() - t
+        say(f"[5/6] evaluate: the pretrained model few-shot (k={cfg.few_shot_k}) on {len(splits['test'])} "
+            "test examples")
+        t = time.perf_counter()
+        shots = few_shot_examples(splits["test"], splits["train"], cfg.few_shot_k)
+        few = evaluate_tasks(base, tok, shots, cfg.accuracy_examples, cut_newline=True)
+        examples = sample_completions(GPT.from_pretrained(os.path.join(out, "pretrained_full")), tok,
+                                      splits["test"], seed=cfg.seed)
+        explain_page(out, tok, splits["test"], GPT.from_pretrained(base_dir).config.block_size)
+        times["evaluate_s"] = time.perf_counter() - t
+        report = build_report(cfg, runs, few, times, time.perf_counter() - t_start, examples)
+        say("[6/6] report")
+        write_report(out, report, runs)
+        say(f"done in {format_duration(report['elapsed_s'])}: {os.path.join(out, REPORT_MD)}")
     return report
+
+
+def explain_page(out, tok, test, block_size) -> str:
+    """OUT/explain.html: `tinygen explain` on the LoRA-fine-tuned run, for the shortest of the first
+    test examples of the first task (prompt and reference completion), so the page shows what the
+    model attends to and how much each token of the right answer surprised it."""
+    candidates = [e.prompt + e.completion for e in [x for x in test if x.task == TASKS[0]][:8]]
+    fitting = [c for c in candidates if len(tok.encode(c)) <= block_size] or [tok.decode(tok.encode(candidates[0])[:block_size])]
+    return explain(os.path.join(out, "pretrained_lora"), min(fitting, key=len), os.path.join(out, EXPLAIN_HTML))
 
 
 def sample_completions(model, tok, test, per_task=2, max_new_tokens=32, seed=0) -> list:
@@ -356,4 +374,6 @@ def report_markdown(report) -> str:
             lines.append(f"- {name}: {s[name]!r}" + (f" ({score})" if score else ""))
         lines.append("")
     lines += ["Loss curves: `pretrain/loss.svg`, `finetune_loss.svg`; numbers: `report.json`.", ""]
+    lines += [f"What the LoRA-fine-tuned model attends to and predicts on one test example: [{EXPLAIN_HTML}]({EXPLAIN_HTML})"
+              " (`tinygen explain`; open it in a browser).", ""]
     return "\n".join(lines)

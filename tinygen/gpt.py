@@ -5,10 +5,12 @@
     loss, grads = model.loss_and_grads(idx, targets)
     ids = model.generate(idx, 20, temperature=0)         # tinygen.sampling
     model.save_pretrained("out");  GPT.from_pretrained("out")   # tinygen.checkpoint
+    GPT.from_pretrained("runs/lora")                     # any run directory: tinygen.runs
+    GPT.from_pretrained("gpt2", adapter="peft-lora")     # a PEFT adapter over its base
 
 The math is model.gpt_forward / gpt_backward; this class checks inputs at
-the boundary and connects the pure functions to sampling and checkpoints,
-which is why it sits above them (they never import it).
+the boundary and connects the pure functions to sampling, checkpoints and the loader of run
+directories, which is why it sits above them (they never import it).
 
 Shapes: B batch, T time, V vocabulary.
 """
@@ -16,12 +18,13 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_model, save_model
+from .checkpoint import save_model
 from .config import GPTConfig
 from .errors import TinygenError
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import KVCache, check_ids, check_params, gpt_backward, gpt_forward, init_params
 from .parts import Parts, make_context, parts_for
+from .runs import load
 from .sampling import generate
 
 
@@ -78,10 +81,18 @@ class GPT:
         save_model(directory, self.config, self.params)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: Optional[str] = None) -> "GPT":
-        """Load a checkpoint written by save_pretrained or by transformers (dtype overrides its config's)."""
-        config, params = load_model(directory, dtype)
-        return cls(config, params=params)
+    def from_pretrained(cls, directory, dtype: Optional[str] = None, *, adapter=None, base=None,
+                        merged: bool = False) -> "GPT":
+        """Load any run directory (tinygen.runs.load): a checkpoint written by save_pretrained or by
+        transformers, a fine-tuning run of any method, or a PEFT adapter directory over its base.
+
+        adapter: a fine-tuning run or PEFT adapter directory to put on the model of `directory`;
+        base: where the base of a fine-tuning run or PEFT adapter is now (a run's base is checked
+        against the checksum it recorded); merged: fold LoRA into the weights, giving a plain
+        GPT-2 (decoding's fast path); dtype: "float32" / "float64" instead of the config's.
+        """
+        config, params, parts, _ = load(directory, dtype, adapter=adapter, base=base, merged=merged)
+        return cls(config, params=params, parts=parts)
 
     def loss(self, idx, targets) -> float:
         """Mean cross-entropy of next-token predictions, without dropout, plus any auxiliary losses."""
@@ -92,7 +103,7 @@ class GPT:
         return loss + sum(value for _, value in cache.aux)
 
     def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None, scale: float = 1.0,
-                       return_aux: bool = False):
+                       return_aux: bool = False, stats: Optional[dict] = None):
         """Forward, cross-entropy and backward. targets (B,T) ids, -1 to ignore.
 
         rng drives dropout (pass one while training when config.dropout > 0).
@@ -101,6 +112,8 @@ class GPT:
         Returns (loss: float, grads: dict with the keys and shapes of params).
         The loss includes the parts' auxiliary losses (none for GPT-2); with
         return_aux=True a third item gives them apart, {name: value}.
+        stats: a dict that receives the parts' measurements, {metric: {name: value}}
+        (the experts' load: tinygen.moe); GPT-2's parts measure nothing.
         """
         idx = check_ids(idx, self.config)
         targets = check_ids(targets, self.config, "targets", allow_ignore=True)
@@ -114,4 +127,6 @@ class GPT:
         for name, value in cache.aux:
             aux[name] = aux.get(name, 0.0) + value
         loss += sum(aux.values())
+        if stats is not None:
+            stats.update(cache.stats)
         return (loss, grads, aux) if return_aux else (loss, grads)

@@ -10,7 +10,11 @@ rounding error of about ulp(L) / h. The plain two-point formula
 which is large here: at GPT-2's init the layer norms see inputs of scale
 0.02, so their derivatives grow like 50^k. On a whole small model with h = 1e-4
 the five-point stencil agrees to ~1e-9; the two-point one reaches only ~2e-7
-at its best h (an isolated layer does better). An
+at its best h (an isolated layer does better). The step has a limit: a
+layer norm varies on the scale of its input row's spread, 1 / rstd, and
+when a narrow row's entries nearly coincide (n_embd 2 or 3) rstd nears
+1/sqrt(1e-5) = 316 and the truncation error at this h reaches ~1e-5; such
+points need a smaller `eps` (tests/test_model.py draws around them). An
 array-valued layer out = f(x) is reduced to a scalar with the surrogate
 loss L = sum(out * dout) for a random dout: its gradient is exactly what
 `backward(dout, cache)` returns (llm.c's trick).
@@ -30,8 +34,10 @@ A tensor passes when its largest error is below THRESHOLD.
 
 The second half of the module is the table of what is checked: every layer
 pair with inputs (`layer_cases`), one transformer block, a whole model (causal,
-and bidirectional with a masked language model's targets), and a model
-carrying every fine-tuning method at once. `tinygen gradcheck`
+and bidirectional with a masked language model's targets), a model carrying
+every fine-tuning method at once, and the mixture of experts' layer, part,
+block and model (inputs from tinygen.moe_check, away from routing ties).
+`tinygen gradcheck`
 prints it; the test suite runs the same table over hypothesis-drawn shapes.
 See docs/gradcheck.md.
 """
@@ -61,6 +67,7 @@ from .layers import (
 from .loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from .gpt import GPT
 from .model import block_backward, block_forward, init_params
+from . import moe_check
 from .parts import GPT2, make_context
 
 EPS = 1e-4
@@ -277,6 +284,12 @@ def layer_cases(rng, B=2, T=5, C=8, dtype=np.float64) -> list:
     return [case._replace(args=[cast(a) for a in case.args]) for case in cases]
 
 
+def _side_stream(rng):
+    """A generator of its own, derived from rng's state without advancing rng (PCG64's jump):
+    cases that redraw until a condition holds (the experts') leave every other case's inputs as they were."""
+    return np.random.Generator(rng.bit_generator.jumped())
+
+
 def finetuning_cases(rng, x, dtype, r=3, m=4, n=2) -> list:
     """The layer pairs of the fine-tuning methods: LoRA (with and without dropout),
     adapter, prompt. x (B, T, C); rank r, bottleneck m, n virtual tokens."""
@@ -356,19 +369,35 @@ def finetuning_model_check(seed=0, max_coords=16) -> dict:
     return {n: (params[n].shape, e) for n, e in errors.items()}
 
 
+def moe_model_check(seed=0, max_coords=16) -> dict:
+    """{param: (shape, error)} for every parameter of a float64 model with experts, trained-mode
+    loss (cross-entropy + aux losses, capacity on), drawn away from routing ties (tinygen.moe_check)."""
+    model, idx, targets = moe_check.model_setup(seed)
+    _, grads = model.loss_and_grads(idx, targets, rng=np.random.default_rng(0))
+    errors = gradcheck(lambda: moe_check.training_loss(model, idx, targets), model.params, grads, max_coords, seed)
+    return {n: (model.params[n].shape, e) for n, e in errors.items()}
+
+
 def all_checks(seed=0, max_coords=64) -> list:
     """[(label, {tensor: (shape or None, max relative error)})]: the whole table, as
     `tinygen gradcheck` prints it. Whole-model checks use max_coords // 4 (at least 4)."""
     rng = np.random.default_rng(seed)
     results = []
-    for case in layer_cases(rng):
+    moe_cases = [LayerCase(*case) for case in moe_check.layer_cases(_side_stream(rng), 2, 5, 8)]  # away from ties
+    for case in layer_cases(rng) + moe_cases:
         errors = check_layer(case.forward, case.backward, case.args, case.kwargs, case.names, max_coords, seed)
         shapes = dict(zip(case.names, (a.shape for a in case.args if _is_float(a))))
         results.append((case.name, {n: (shapes[n], e) for n, e in errors.items()}))
     errors = block_check(rng, max_coords=max_coords, seed=seed)
     results.append(("transformer block", {n: (None, e) for n, e in errors.items()}))
+    for label, setup in (("moe mlp part (training)", moe_check.part_setup),
+                         ("transformer block (experts)", moe_check.block_setup)):
+        part, x, params, name, ctx = setup(_side_stream(rng))
+        errors = check_part(part, x, params, name, ctx, max_coords, seed)
+        results.append((label, {n: ((params[n] if n in params else x).shape, e) for n, e in errors.items()}))
     model_coords = max(4, max_coords // 4)
     results.append(("GPT (whole model)", model_check(seed, model_coords)))
     results.append(("GPT, bidirectional (whole)", model_check(seed, model_coords, causal=False)))
     results.append(("GPT + LoRA/adapters/prompt", finetuning_model_check(seed, model_coords)))
+    results.append(("GPT + experts (whole model)", moe_model_check(seed, model_coords)))
     return results

@@ -13,14 +13,16 @@ elementwise operations, for the single position `kv.length`:
         K[:, :, n], V[:, :, n] = k, v          (the cache grows by one row)
         x += softmax(q K[:n+1]^T / sqrt(D)) V[:n+1] @ c_proj     (B, C)
         x += gelu(ln_2(x) @ c_fc) @ mlp.c_proj                   (B, C)
+             (a block with experts: x += moe_forward(ln_2(x), ...)   tinygen.moe, no capacity)
     logits = ln_f(x) @ wte^T                                     (B, V)
 
 No mask is needed: the one query may see every cached key. The operations
 are the ones of tinygen.layers and tinygen.attention in the same order, so the
 logits equal GPT.forward's to float rounding (tests/test_sampling.py checks).
-It knows the plain GPT-2 only: a model whose parts are not its config's
-own (LoRA, adapters, prompt tuning, any custom part) takes
-GPT.forward(..., kv=) for the step instead, which calls its parts.
+It knows GPT-2 and GPT-2 with experts (parts_for's two rows) only: a model
+whose parts are not its config's own (LoRA, adapters, prompt tuning, any
+custom part) takes GPT.forward(..., kv=) for the step instead, which calls
+its parts.
 
 `Decoder` wraps the cache for generation and beam search: prefill, one step
 per token, the sliding window past block_size, and reordering rows for beams.
@@ -36,7 +38,8 @@ from .errors import TinygenError
 from .config import LAYER_NORM_EPS
 from .layers import GELU_A, GELU_K
 from .model import KVCache
-from .parts import parts_for
+from .moe import NAMES as EXPERT_KEYS, moe_forward
+from .parts import EXPERT_MLP, GPT2
 
 
 def _layernorm(x, w, b):
@@ -72,11 +75,13 @@ def _gelu_(m):
 
 LAYER_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-              "mlp.c_proj.weight", "mlp.c_proj.bias")
+              "mlp.c_proj.weight", "mlp.c_proj.bias")  # a block with experts: mlp.router.*, mlp.experts.* instead
+FAST_PARTS = (GPT2, GPT2._replace(mlp=EXPERT_MLP))  # parts_for's rows: what decode_step computes
 
 
 def layer_weights(params, config):
-    """Per layer, the 12 arrays decode_step reads, in LAYER_KEYS order (views, no copies).
+    """Per layer, the 12 arrays decode_step reads, in LAYER_KEYS order (views, no copies);
+    a block with experts has the router's and experts' 6 (moe.NAMES) in place of the MLP's 4.
 
     Gains and biases are viewed as (1, N): at batch 1 an elementwise operation
     between two (1, N) arrays skips NumPy's broadcasting machinery.
@@ -84,7 +89,13 @@ def layer_weights(params, config):
     def view(a):
         return a.reshape(1, -1) if a.ndim == 1 else a
 
-    return [tuple(view(params[f"h.{i}.{k}"]) for k in LAYER_KEYS) for i in range(config.n_layer)]
+    def block(i):
+        attn = tuple(view(params[f"h.{i}.{k}"]) for k in LAYER_KEYS[:8])
+        if f"h.{i}.mlp.router.weight" in params:
+            return attn + tuple(params[f"h.{i}.mlp.{k}"] for k in EXPERT_KEYS)
+        return attn + tuple(view(params[f"h.{i}.{k}"]) for k in LAYER_KEYS[8:])
+
+    return [block(i) for i in range(config.n_layer)]
 
 
 def decode_step(params, config, ids, kv, weights=None):
@@ -102,7 +113,7 @@ def decode_step(params, config, ids, kv, weights=None):
     scale = 1.0 / math.sqrt(D)
     x = params["wte.weight"][ids]  # (B, C), a fresh copy (fancy indexing)
     x += params["wpe.weight"][n]
-    for i, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b) in \
+    for i, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, *mlp) in \
             enumerate(weights or layer_weights(params, config)):
         qkv = _layernorm(x, ln1_w, ln1_b) @ attn_w  # (B, 3C)
         qkv += attn_b
@@ -118,6 +129,10 @@ def decode_step(params, config, ids, kv, weights=None):
         a = (s @ v_buf[:, :, :n + 1]).reshape(B, C) @ proj_w  # (B, H, 1, D) -> (B, C) -> (B, C)
         a += proj_b
         x += a
+        if len(mlp) == len(EXPERT_KEYS):  # a block with experts: each row through its top-k
+            x += moe_forward(_layernorm(x, ln2_w, ln2_b), *mlp, top_k=config.expert_top_k)[0]  # (B, C)
+            continue
+        fc_w, fc_b, mproj_w, mproj_b = mlp
         m = _layernorm(x, ln2_w, ln2_b) @ fc_w  # (B, 4C)
         m += fc_b
         m = _gelu_(m) @ mproj_w  # (B, C)
@@ -159,7 +174,7 @@ class Decoder:
         self.virtual = model.n_prefix
         self.block = model.config.block_size - self.virtual  # real tokens a window may hold
         self.keep = check_window_keep(self.block, window_keep)
-        self.fast = model.parts == parts_for(model.config)  # decode_step knows the plain parts only
+        self.fast = model.parts in FAST_PARTS  # decode_step knows GPT-2's parts and the experts, no method's
         self.weights = layer_weights(model.params, model.config) if self.fast else None
         self.kv = KVCache(model.config, batch_size) if use_cache else None
         self.start = 0  # first position the model sees

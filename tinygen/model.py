@@ -41,6 +41,7 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
+from .moe import moe_shapes
 from .parts import Context, LayerKV, Parts, parts_for
 
 
@@ -55,9 +56,12 @@ def param_shapes(config: GPTConfig) -> dict:
             h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
             h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
             h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
         })
+        if config.is_moe_block(i):  # a router and n_expert stacked MLPs (tinygen.moe, docs/moe.md)
+            shapes.update({h + "mlp." + k: shape for k, shape in moe_shapes(C, config.n_expert).items()})
+        else:
+            shapes.update({h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+                           h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
 
@@ -174,6 +178,7 @@ class GPTCache(NamedTuple):
     ln_f: LayerNormCache  # (B,T,C)
     head: LinearCache  # ln_f out (B,T,C) @ wte^T (C,V)
     aux: list  # (name, value) of the auxiliary losses the parts added (values already weighted)
+    stats: dict  # the parts' measurements for the metrics (Context.stats)
 
 
 def gpt_forward(params, idx, config: GPTConfig, parts: Optional[Parts] = None, rng=None, kv=None,
@@ -188,7 +193,7 @@ def gpt_forward(params, idx, config: GPTConfig, parts: Optional[Parts] = None, r
     """
     T = idx.shape[1]
     start = 0 if kv is None else kv.length
-    ctx = Context(config, parts_for(config) if parts is None else parts, rng, start, None, [], aux_scale)
+    ctx = Context(config, parts_for(config) if parts is None else parts, rng, start, None, [], aux_scale, {})
     x, embed = ctx.parts.embed.forward(idx, params, "wte", ctx)  # (B,T',C)
     T_in = x.shape[1]
     if start + T_in > config.block_size:
@@ -205,7 +210,7 @@ def gpt_forward(params, idx, config: GPTConfig, parts: Optional[Parts] = None, r
     logits, head = linear_forward(x, params["wte.weight"].T, None)  # (B,T,V), tied to wte
     if kv is not None:
         kv.length = start + T_in
-    return logits, GPTCache(ctx.parts, embed, wpe, drop, blocks, T_in - T, ln_f, head, ctx.aux)
+    return logits, GPTCache(ctx.parts, embed, wpe, drop, blocks, T_in - T, ln_f, head, ctx.aux, ctx.stats)
 
 
 def gpt_backward(dlogits, cache: GPTCache) -> dict:

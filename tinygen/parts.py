@@ -25,6 +25,7 @@ included (their backward is the one to call).
 
 Shapes: B batch, T time, C n_embd, H n_head, D head width, N output width.
 """
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -44,6 +45,7 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
+from .moe import moe_mlp_backward, moe_mlp_forward
 
 
 class Part(NamedTuple):
@@ -84,11 +86,13 @@ class Context(NamedTuple):
     #                             coefficient (make_context gives a fresh list)
     aux_scale: float = 1.0  # the weight of the auxiliary losses' gradient (loss_and_grads' scale); a part
     #                         keeps it in its cache, so its backward adds the auxiliary gradient itself
+    stats: Optional[dict] = None  # a part may record measurements for the training metrics, not losses:
+    #                               stats[metric][name] = value (the experts' load: tinygen.moe)
 
 
 def make_context(config: GPTConfig, parts: Optional[Parts] = None, rng=None, aux_scale: float = 1.0) -> Context:
     """A Context for one forward call outside decoding, with a fresh aux list; parts None = parts_for(config)."""
-    return Context(config, parts_for(config) if parts is None else parts, rng, 0, None, [], aux_scale)
+    return Context(config, parts_for(config) if parts is None else parts, rng, 0, None, [], aux_scale, {})
 
 
 # ------------------------------------------------------------------ linear: every projection
@@ -251,15 +255,18 @@ IDENTITY = Part(identity_forward, identity_backward)
 TOKEN_EMBEDDING = Part(token_embedding_forward, token_embedding_backward)
 
 GPT2 = Parts(linear=LINEAR, attention=CAUSAL_SELF_ATTENTION, mlp=MLP, branch=IDENTITY, embed=TOKEN_EMBEDDING)
+EXPERT_MLP = Part(partial(moe_mlp_forward, dense=MLP), moe_mlp_backward)  # experts where a block has a router
 
 
 def parts_for(config: GPTConfig) -> Parts:
     """The parts of config's architecture, before any fine-tuning method attaches its own.
 
     GPT2, with a part replaced for each config field that changes one (one
-    row each); model.py stays as it is.
+    row each: attention by `causal`, the MLP by `n_expert`); model.py stays as it is.
     """
     parts = GPT2
     if not config.causal:  # masked language modelling: attention sees both sides
         parts = parts._replace(attention=BIDIRECTIONAL_SELF_ATTENTION)
+    if config.n_expert:  # every moe_every-th block has experts (tinygen.moe), the others GPT-2's MLP
+        parts = parts._replace(mlp=EXPERT_MLP)
     return parts

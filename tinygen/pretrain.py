@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import checkpoint_step
+from .checkpoint import checkpoint_step, report_kept
 from .config import option, validate
 from .data import (DataConfig, RandomBatches, TokenData, builtin_corpus, fixed_batches, load_token_cache,
                    read_documents, split_documents, text_slice, token_cache)
@@ -43,9 +43,12 @@ from .errors import TinygenError
 from .fim import FIM_TOKENS, FimBatches
 from .gpt import GPT
 from .mlm import MASK, MaskedBatches, fixed_masked_batches, masking_ids
-from .plumbing.fileio import atomic_write_json, read_json
+from .moe import active_params
+from .plumbing.fileio import atomic_write_json, make_dirs, read_json
+from .plumbing.lock import run_lock
 from .plumbing.progress import Progress
-from .plumbing.rundir import CONFIG, DATA_DIR, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG, TRAIN_STATE
+from .plumbing.rundir import (CONFIG, DATA_DIR, EXPERT_LOAD_SVG, LOSS_SVG, METRICS, MODEL, TOKENIZER, TRAIN_CONFIG,
+                              TRAIN_STATE)
 from .sampling import generate
 from .tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from .train import TrainConfig, TrainResult, train
@@ -98,7 +101,7 @@ class RunSettings:
     tokenizer: Optional[str] = option(None, "a tokenizer file to use instead of training one",
                                       lambda v: None if v is None else _text(v))
     preset: Optional[str] = option(None, "the preset the settings started from (a record, not used again)",
-                                   lambda v: None if v is None or v in PRESETS else f"one of {sorted(PRESETS)}")
+                                   lambda v: None if v is None or v in tuple(PRESETS) else f"one of {sorted(PRESETS)}")
     command: str = option("pretrain", "what started the run: pretrain or demo", _text)
 
     def __post_init__(self):
@@ -113,7 +116,13 @@ class RunSettings:
 
     @classmethod
     def from_json(cls, obj: dict, run_dir: str) -> "RunSettings":
-        """`to_json`'s output -> RunSettings located at run_dir (where the file was found)."""
+        """`to_json`'s output -> RunSettings located at run_dir (where the file was found).
+
+        Every value is checked by its field's check (here, in TrainConfig and in
+        DataConfig), so a hostile file is a TinygenError, or a KeyError (no
+        "train"/"data") or TypeError (an unknown field, "train" not an object),
+        which read_settings turns into one TinygenError naming the file.
+        """
         sources = obj.get("sources")
         return cls(run_dir=os.fspath(run_dir), train=TrainConfig(**obj["train"]), data=DataConfig(**obj["data"]),
                    sources=tuple(sources) if isinstance(sources, list) else sources, encoding_errors=obj.get("encoding_errors", "strict"),
@@ -181,10 +190,10 @@ def read_settings(run_dir) -> RunSettings:
         raise TinygenError(f"{path}: not a tinygen run settings file (format {RUN_FORMAT!r})")
     if obj.get("version") != RUN_VERSION:
         raise TinygenError(f"{path}: settings version {obj.get('version')!r}, this tinygen reads {RUN_VERSION}")
-    try:
+    try:  # every field is checked (RunSettings, TrainConfig, DataConfig): a hostile file ends here
         return RunSettings.from_json(obj, run_dir)
     except (KeyError, TypeError, TinygenError) as e:
-        raise TinygenError(f"{path}: malformed settings: {e}") from None
+        raise TinygenError(f"{path}: malformed settings: {str(e)[:300]}") from None
 
 
 def resume_settings(run_dir, **changes) -> RunSettings:
@@ -200,7 +209,8 @@ def resume_settings(run_dir, **changes) -> RunSettings:
 def start_run(settings: RunSettings, *, resume: bool = False, overwrite: bool = False) -> None:
     """Write RUN_DIR/train_config.json. A fresh run creates RUN_DIR, refuses one that
     holds a checkpoint unless `overwrite`, and removes the previous run's files
-    (its tokenizer and token cache stay: prepare_data reuses them when they match)."""
+    (its tokenizer and token cache stay: prepare_data reuses them when they match).
+    Call it holding RUN_DIR's lock, as `pretrain` does (tinygen.plumbing.lock.run_lock)."""
     run_dir = settings.run_dir
     if not resume:
         step = checkpoint_step(run_dir) if os.path.isdir(run_dir) else None
@@ -208,8 +218,8 @@ def start_run(settings: RunSettings, *, resume: bool = False, overwrite: bool = 
             raise TinygenError(f"{run_dir} already holds a run (checkpoint at step {step}): continue it with "
                                f"--resume {run_dir} [--max-steps N], start over with --overwrite, or pick "
                                f"another --out")
-        os.makedirs(run_dir, exist_ok=True)
-        for name in (TRAIN_STATE, MODEL, CONFIG, METRICS, LOSS_SVG):
+        make_dirs(run_dir)
+        for name in (TRAIN_STATE, MODEL, CONFIG, METRICS, LOSS_SVG, EXPERT_LOAD_SVG):
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     atomic_write_json(os.path.join(run_dir, TRAIN_CONFIG), settings.to_json())
@@ -313,7 +323,9 @@ def train_model(settings: RunSettings, tok: Tokenizer, tokens: TokenData, *, res
     """
     config = settings.train
     model = GPT(model_config(settings, tok), seed=config.seed)
-    say(f"{model.num_params / 1e6:.2f}M parameters, {tokens.train.size:,} training tokens, "
+    active = f" ({active_params(model.params, model.config.expert_top_k) / 1e6:.2f}M active per token)" \
+        if model.config.n_expert else ""
+    say(f"{model.num_params / 1e6:.2f}M parameters{active}, {tokens.train.size:,} training tokens, "
         f"{tokens.val.size:,} validation tokens; {config.max_steps} steps of {config.tokens_per_step:,} tokens")
     batches, val = objective_batches(settings, tok, tokens)
     result = train(model, batches, config, settings.run_dir, val_batches=val, resume=resume,
@@ -355,12 +367,18 @@ def pretrain(settings: RunSettings, *, resume: bool = False, overwrite: bool = F
     resume: continue RUN_DIR's checkpoint (settings from `resume_settings`).
     overwrite: start over in a RUN_DIR that holds a checkpoint.
     progress: progress lines on stderr; say(message): one-off messages.
+
+    The run holds RUN_DIR's lock (tinygen.plumbing.lock) from before start_run
+    removes an old run's files to the end: a second writer, --resume included,
+    gets RunDirBusy naming this process. A write that fails raises WriteError
+    saying what RUN_DIR still holds (its last good checkpoint).
     """
-    t0 = time.perf_counter()
-    start_run(settings, resume=resume, overwrite=overwrite)
-    tok, tokens = prepare_data(settings, resume=resume, progress=progress, say=say)
-    t1 = time.perf_counter()
-    model, result = train_model(settings, tok, tokens, resume=resume, progress=progress, say=say)
+    with run_lock(settings.run_dir), report_kept(settings.run_dir):
+        t0 = time.perf_counter()
+        start_run(settings, resume=resume, overwrite=overwrite)
+        tok, tokens = prepare_data(settings, resume=resume, progress=progress, say=say)
+        t1 = time.perf_counter()
+        model, result = train_model(settings, tok, tokens, resume=resume, progress=progress, say=say)
     return Pretrained(model, tok, tokens, result, {"data_s": t1 - t0, "train_s": time.perf_counter() - t1})
 
 

@@ -20,6 +20,13 @@ Strategies: `configs` -> GPTConfig, `token_batches` -> (B, T) int64 ids,
 tinygen.gradient_check and docs/gradcheck.md). docs/testing.md has a worked
 example.
 
+Mutation testing: `inject_bug(name)` is a context manager that puts one of
+the classic bugs of `BUGS` (tinygen.bugs, docs/bugs.md) into tinygen, so you
+can see your own tests against tinygen fail under it:
+
+    with inject_bug("causal-mask-off"):
+        my_causality_test()          # should now fail
+
 hypothesis is a test extra, not a run-time dependency of tinygen.
 """
 try:
@@ -30,6 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import numpy as np
 
+from .bugs import BUGS, inject as inject_bug
 from .config import GPTConfig
 from .errors import TinygenError
 from .gradient_check import THRESHOLD, check_layer, check_model, gradcheck
@@ -37,7 +45,8 @@ from .model import param_shapes
 
 __all__ = ["configs", "token_batches", "token_sequences", "gpt_params", "param_shapes", "to_nested", "from_nested",
            "to_torch_state_dict", "from_torch_state_dict", "FORWARD_TOLERANCE", "forward_error",
-           "assert_forward_close", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD"]
+           "assert_forward_close", "arrays", "float_arrays", "gradcheck", "check_layer", "check_model", "THRESHOLD",
+           "BUGS", "inject_bug"]
 
 
 @st.composite

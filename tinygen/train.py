@@ -35,18 +35,19 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .checkpoint import checkpoint_step, load_train_state, save_train_state
+from .checkpoint import checkpoint_step, load_train_state, report_kept, save_train_state
 from .config import (NON_NEGATIVE, POSITIVE, PROBABILITY, GPTConfig, number, one_of, optional, option,
                      validate)
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
 from .loss import IGNORE
 from .optim import AdamW, lr_at
+from .plumbing.lock import run_lock
 from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
 from .plumbing.parallel import Workers, default_workers, ranges
-from .plumbing.plot import write_loss_svg
+from .plumbing.plot import write_expert_load_svg, write_loss_svg
 from .plumbing.progress import Progress, format_rate
-from .plumbing.rundir import LOSS_SVG, METRICS, TRAIN_STATE
+from .plumbing.rundir import EXPERT_LOAD_SVG, LOSS_SVG, METRICS, TRAIN_STATE
 
 
 NON_NEGATIVE_NUMBER = number(0.0)  # a rate, a decay, a clipping norm: finite and >= 0
@@ -65,6 +66,15 @@ class TrainConfig:
     n_embd: int = option(128, "width of the residual stream", POSITIVE)
     dropout: float = option(0.0, "dropout probability while training (0 = off)", PROBABILITY)
     dtype: str = option("float32", "float32 or float64 parameters and activations", one_of("float32", "float64"))
+    n_expert: int = option(0, "experts in each mixture-of-experts block (0 = dense GPT-2; docs/moe.md)",
+                           NON_NEGATIVE)
+    expert_top_k: int = option(2, "experts each token is routed to (GLaM: 2), at most --n-expert", POSITIVE)
+    moe_every: int = option(2, "every moe_every-th block has experts (GLaM: 2, every other block)", POSITIVE)
+    aux_loss_coef: float = option(0.01, "weight of the experts' load-balancing loss in the training loss",
+                                  NON_NEGATIVE_NUMBER)
+    capacity_factor: Optional[float] = option(None, "each expert takes at most ceil(factor * tokens * k / E) "
+                                              "tokens of a training batch, the rest skip the layer (None = no "
+                                              "limit)", optional(number(0.0, low_open=True)))
     # optimization
     batch_size: int = option(16, "sequences per micro-batch", POSITIVE)
     grad_accum: int = option(1, "micro-batches summed into each optimizer step", POSITIVE)
@@ -94,6 +104,9 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise TinygenError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         self.model_config(self.vocab_size)  # n_embd % n_head: GPTConfig's check
+        if self.n_expert and self.moe_every > self.n_layer:  # GPTConfig allows it (a model cut short has none)
+            raise TinygenError(f"TrainConfig.moe_every ({self.moe_every}) must be at most n_layer ({self.n_layer}): "
+                               "with n_expert > 0 at least one block must have experts")
 
     @property
     def decay_steps(self) -> int:
@@ -107,7 +120,9 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         try:
             return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, dtype=self.dtype)
+                             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, dtype=self.dtype,
+                             n_expert=self.n_expert, expert_top_k=self.expert_top_k, moe_every=self.moe_every,
+                             aux_loss_coef=self.aux_loss_coef, capacity_factor=self.capacity_factor)
         except TinygenError as e:
             raise TinygenError(str(e).replace("GPTConfig.", "TrainConfig.")) from None
 
@@ -118,16 +133,6 @@ class TrainConfig:
 
 
 # Presets are overrides of TrainConfig and DataConfig fields.
-PRESETS = {
-    # seconds: for tests and a first look
-    "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=8,
-                 max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2,
-                 checkpoint_interval=20, corpus_bytes=300_000, tokenizer_bytes=300_000),
-    # the default: about 4 minutes on 2 cores (the TrainConfig/DataConfig defaults)
-    "small": dict(),
-}
-
-
 class TrainingDiverged(TinygenError):
     """The loss or the gradients became NaN or infinite."""
 
@@ -158,7 +163,9 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
       model.save_pretrained, i.e. config.json + model.safetensors).
     progress: a Progress, or None for the default one on stderr; False for none.
     log(message): where one-off messages (evaluations, Ctrl-C) go.
-    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient.
+    Raises TrainingDiverged (naming the step) on a NaN or inf loss or gradient,
+    RunDirBusy if another process is writing run_dir (tinygen.plumbing.lock),
+    WriteError (naming the checkpoint kept) if a file cannot be written.
 
     Nothing outside the call changes for good: the worker threads' BLAS
     setting and the Ctrl-C handler are restored when it returns, and malloc
@@ -166,14 +173,16 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     tinygen.plumbing.memory.reuse_freed_memory, a library caller may too).
     """
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
-    with Workers(config.workers or default_workers(config.batch_size)) as workers:
-        opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
-                    weight_decay=config.weight_decay, trainable=trainable, workers=workers)
-        return _loop(model=model, opt=opt, workers=workers, batches=batches, config=config, run_dir=run_dir,
-                     val_batches=val_batches, resume=resume, save_weights=save_weights, progress=progress,
-                     log=log)
+    # one writer per run directory (run_lock creates it; RunDirBusy names the other's pid; a
+    # caller that holds the lock already passes through), and a failed write says what is kept
+    with run_lock(run_dir), report_kept(run_dir):
+        save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
+        with Workers(config.workers or default_workers(config.batch_size)) as workers:
+            opt = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2),
+                        weight_decay=config.weight_decay, trainable=trainable, workers=workers)
+            return _loop(model=model, opt=opt, workers=workers, batches=batches, config=config,
+                         run_dir=run_dir, val_batches=val_batches, resume=resume, save_weights=save_weights,
+                         progress=progress, log=log)
 
 
 def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume, save_weights, progress, log):
@@ -204,8 +213,10 @@ def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume,
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
             lr = config.lr_at(step)
+            measured = {}  # the step's auxiliary losses and the parts' measurements (the experts' load)
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
-                train_loss = accumulate_grads(model, opt, batches(step), workers=workers, config=config, step=step)
+                train_loss = accumulate_grads(model, opt, batches(step), workers=workers, config=config, step=step,
+                                              measured=measured)
                 norm = opt.clip_grads(config.grad_clip) if config.grad_clip > 0 else opt.grad_norm()
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 progress.close()
@@ -219,7 +230,7 @@ def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume,
             elapsed = elapsed0 + time.perf_counter() - t_start
             metrics.append({"step": done, "tokens": done * config.tokens_per_step, "train_loss": train_loss,
                             "val_loss": val_loss if is_eval else None, "lr": lr, "grad_norm": norm,
-                            "tokens_per_sec": config.tokens_per_step / dt, "elapsed_s": elapsed})
+                            "tokens_per_sec": config.tokens_per_step / dt, "elapsed_s": elapsed, **measured})
             progress.update(done, loss=round(train_loss, 4), **{"tok/s": format_rate(config.tokens_per_step / dt)})
             interrupted = stop.is_set()
             if interrupted or done % config.checkpoint_interval == 0 or done == config.max_steps:
@@ -251,13 +262,17 @@ def _start(*, model, opt, run_dir, resume):
 
 
 def _save(*, run_dir, step, model, opt, config, elapsed, save_weights):
-    """A checkpoint: weights first, then the train state (the commit point), then loss.svg."""
+    """A checkpoint: weights first, then the train state (the commit point), then loss.svg
+    (and expert_load.svg when the metrics hold the experts' load)."""
     save_weights(run_dir)
     params = {n: model.params[n] for n in opt.names}
     info = {"seed": config.seed, "elapsed_s": elapsed, "tokens": step * config.tokens_per_step,
             "workers": opt.workers.n}  # the resolved count: --workers 0 depends on the machine
     save_train_state(os.path.join(run_dir, TRAIN_STATE), step, params, opt.state_dict(), info)
-    write_loss_svg(os.path.join(run_dir, LOSS_SVG), read_metrics(os.path.join(run_dir, METRICS)))
+    rows = read_metrics(os.path.join(run_dir, METRICS))
+    write_loss_svg(os.path.join(run_dir, LOSS_SVG), rows)
+    if any("expert_load" in row for row in rows):
+        write_expert_load_svg(os.path.join(run_dir, EXPERT_LOAD_SVG), rows)
 
 
 def _diverged(*, step, loss, norm, run_dir) -> str:
@@ -268,7 +283,7 @@ def _diverged(*, step, loss, norm, run_dir) -> str:
             f"({last}) is intact; try a lower --lr or --grad-clip")
 
 
-def accumulate_grads(model, opt, batch, *, workers, config, step) -> float:
+def accumulate_grads(model, opt, batch, *, workers, config, step, measured: Optional[dict] = None) -> float:
     """One step's gradient, summed over its shards into the optimizer's gradient buffer
     (`opt.sum_grads`); returns the step's loss.
 
@@ -278,6 +293,10 @@ def accumulate_grads(model, opt, batch, *, workers, config, step) -> float:
     loss is the sum of weight * shard loss, the gradient the sum of the
     shards' gradients of weight * shard loss. W shards of one micro-batch
     run at once, on the W threads of `workers`.
+    measured: a dict that receives, when the model reports any, "lm_loss" and
+    "aux_loss" (the step's loss without its auxiliary losses, and those alone,
+    same weights) and the parts' measurements ({metric: {name: value}}, each the
+    same weighted mean over the shards: the experts' "expert_load").
     """
     x, y = batch
     if x.shape != y.shape or x.shape[0] != config.batch_size * config.grad_accum:
@@ -287,13 +306,15 @@ def accumulate_grads(model, opt, batch, *, workers, config, step) -> float:
     shards = ranges(B, min(workers.n, B))  # (start, stop) rows of a micro-batch
     trainable = opt.names
 
-    def run(shard):  # -> (weighted loss, grads of the weighted loss)
+    def run(shard):  # -> (weighted loss, grads of the weighted loss, weighted aux loss, weight, stats)
         index, rows, weight = shard
         rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
-        loss, grads = model.loss_and_grads(x[rows], y[rows], rng, scale=weight)
-        return weight * float(loss), {n: grads[n] for n in trainable}  # frozen ones' are dropped now
+        stats = {}
+        loss, grads, aux = model.loss_and_grads(x[rows], y[rows], rng, scale=weight, return_aux=True, stats=stats)
+        grads = {n: grads[n] for n in trainable}  # frozen ones' are dropped now
+        return weight * float(loss), grads, weight * sum(aux.values()), weight, stats
 
-    total = 0.0
+    total, reports = 0.0, []
     for a in range(A):
         counted = y[a * B:(a + 1) * B] != IGNORE  # (B, T)
         n = int(counted.sum())
@@ -302,9 +323,25 @@ def accumulate_grads(model, opt, batch, *, workers, config, step) -> float:
             weight = int(counted[lo:hi].sum()) / n / A if n else 0.0
             jobs.append((a * len(shards) + i, slice(a * B + lo, a * B + hi), weight))
         results = workers.map(run, jobs)
-        total += sum(loss for loss, _ in results)
-        opt.sum_grads([grads for _, grads in results], accumulate=a > 0)
+        total += sum(r[0] for r in results)
+        opt.sum_grads([r[1] for r in results], accumulate=a > 0)
+        reports += [r[2:] for r in results]
+    if measured is not None and any(aux or stats for aux, _, stats in reports):
+        measured.update(_weighted_report(total, reports))
     return total
+
+
+def _weighted_report(total, reports) -> dict:
+    """The shards' auxiliary losses and measurements, as the step's weighted means.
+
+    reports: [(weighted aux loss, weight, {metric: {name: value or list}})] per shard."""
+    aux = sum(r[0] for r in reports)
+    out = {"lm_loss": total - aux, "aux_loss": aux}
+    weights = sum(w for _, w, _ in reports) or 1.0
+    for metric, by_name in reports[0][2].items():
+        out[metric] = {name: (sum(w * np.asarray(s[metric][name]) for _, w, s in reports) / weights).tolist()
+                       for name in by_name}
+    return out
 
 
 def _restore(*, model, opt, path):

@@ -38,7 +38,7 @@ def run(args) -> int:
         raise TinygenError(f"--tiny is --preset tiny; it cannot go with --preset {args.preset}")
     preset = "tiny" if args.tiny else args.preset or "default"
     values = {**PRESETS[preset], **dataclass_overrides(args, DemoConfig)}
-    report = demo(args.out, DemoConfig(**values))
+    report = demo(args.out, DemoConfig(**values))  # holds OUT's lock (tinygen.plumbing.lock)
     for task, row in report["tasks"].items():
         cells = ", ".join(f"{name} {s['val_loss']:.3f} / {s['accuracy']:.0%}" for name, s in row.items())
         print(f"{task}: (loss / accuracy) {cells}")

@@ -10,13 +10,14 @@ task is evaluated on the test split (loss, exact-match accuracy and the
 task's own metric of greedy completions, with bootstrap intervals), printed
 and written to OUT/eval.json.
 """
+import dataclasses
 import os
 import sys
 
 from .flags import add_dataclass_arguments, dataclass_overrides
 from ..errors import TinygenError
-from ..plumbing.fileio import read_json
-from ..finetuning.finetune import FINETUNE_FILE, FinetuneConfig, run as finetune
+from ..finetuning.finetune import FINETUNE_FILE, FinetuneConfig, read_run_file, recorded_data, run as finetune
+from ..runs import run_base
 
 
 def add_parser(sub):
@@ -28,7 +29,8 @@ def add_parser(sub):
         "full fine-tuning writes a whole model to --out, the other methods only their own small "
         "adapter.safetensors, which loads on top of its base (`tinygen sample --model OUT`).",
     )
-    p.add_argument("--base", metavar="RUN_DIR", help="the pretrained run directory (model and tokenizer)")
+    p.add_argument("--base", metavar="RUN_DIR", help="the pretrained run directory (model and tokenizer); with "
+                   "--resume: where the run's base is now, if it moved")
     p.add_argument("--data", metavar="FILE.jsonl|builtin",
                    help='JSONL lines {"prompt", "completion", "task"?}, or "builtin" for the standard-library tasks')
     p.add_argument("--out", metavar="RUN_DIR2", help="run directory to write")
@@ -44,13 +46,13 @@ def resolve(args):
         path = os.path.join(args.resume, FINETUNE_FILE)
         if not os.path.isfile(path):
             raise TinygenError(f"--resume {args.resume}: no {FINETUNE_FILE}, so not a fine-tuning run directory")
-        info = read_json(path, what="fine-tuning description")
+        info, fc = read_run_file(args.resume)
         extra = sorted(set(over) - {"max_steps", "workers"})
-        if extra or args.base or args.data or args.out:
+        if extra or args.data or args.out:
             raise TinygenError(f"--resume continues the run as recorded in its {FINETUNE_FILE}; "
-                               f"only --max-steps and --workers can change")
-        fc = FinetuneConfig(**{**info["config"], **over})
-        return info["base"], info["data"], args.resume, fc, True
+                               f"only --max-steps and --workers can change (and --base says where its base is now)")
+        return (run_base(args.resume, args.base), recorded_data(args.resume, info), args.resume,
+                dataclasses.replace(fc, **over), True)
     missing = [f for f, v in (("--base", args.base), ("--data", args.data), ("--out", args.out)) if not v]
     if missing:
         raise TinygenError(f"missing {', '.join(missing)} (or --resume RUN_DIR2)")
@@ -79,7 +81,7 @@ def format_eval(scores: dict) -> str:
 def run(args) -> int:
     base_dir, data, out_dir, fc, resume = resolve(args)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)
+    result = finetune(base_dir, data, out_dir, fc, resume=resume, log=say)  # holds out_dir's lock
     if result["train"]["interrupted"]:
         say(f"stopped; continue with: tinygen finetune --resume {out_dir}")
         return 130

@@ -35,3 +35,13 @@ def dataclass_overrides(args, cls) -> dict:
     """The fields of `cls` that the user gave on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def add_model_arguments(parser) -> None:
+    """--model, --adapter, --base: what tinygen.runs loads, for every command that reads a model."""
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer): a "
+                        "checkpoint, a fine-tuning run of any method, or a PEFT adapter directory")
+    parser.add_argument("--adapter", metavar="DIR", help="an adapter to put on --model: a tinygen LoRA/adapter/prompt "
+                        "run, or a PEFT LoRA or prompt-tuning adapter directory")
+    parser.add_argument("--base", metavar="DIR", help="where the base of --model (a fine-tuning run or PEFT adapter) "
+                        "is now, when it moved (a run checks its base's checksum)")

@@ -4,11 +4,13 @@ One row per input of each layer pair, then the transformer block, a whole
 small float64 model and a model carrying every fine-tuning method. The
 checks and their inputs are the library's table (tinygen.gradient_check.
 all_checks), the same one the test suite runs. Exit status 1 if any row
-fails. Learners run this first.
+fails. Learners run this first. `--break NAME` injects a classic backprop
+bug instead and shows which checks catch it (tinygen.bug_checks, docs/bugs.md).
 """
 import sys
 import time
 
+from ..bug_checks import run_break
 from ..gradient_check import THRESHOLD, all_checks
 
 
@@ -42,10 +44,14 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs and checked coordinates (default: 0)")
     p.add_argument("--max-coords", type=int, default=64, help="entries checked per tensor; larger tensors get a random subset (default: 64)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help=f"largest relative error that passes (default: {THRESHOLD:g})")
+    p.add_argument("--break", dest="bug", metavar="NAME", default=None,
+                   help="inject a classic backprop bug and show which checks catch it; 'list' lists them (docs/bugs.md)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.bug is not None:  # the bug catalogue: tinygen/bug_checks.py
+        return run_break(args.bug, args.seed)
     t0 = time.perf_counter()
     results = all_checks(args.seed, args.max_coords)
     text, failed = format_table(results, args.threshold)

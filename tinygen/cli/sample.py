@@ -1,7 +1,12 @@
 """`tinygen sample`: continue a prompt with a trained model, streaming the text to stdout.
 
     tinygen sample --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 1
+    tinygen sample --model gpt2 --adapter my-peft-lora --prompt "Hello"     # a PEFT adapter over its base
     tinygen sample --model runs/fim --prompt "def area(r):" --suffix "    return a" --temperature 0
+
+--model is any run directory (tinygen.runs: a checkpoint, a fine-tuning run
+of any method, a PEFT adapter directory); --adapter puts an adapter on it;
+--base says where the base of a fine-tuning run or PEFT adapter is now.
 
 Each sample prints the prompt and then its continuation as it is generated;
 generation ends at the tokenizer's <|endoftext|>, at a --stop string, or after
@@ -16,8 +21,13 @@ on stderr and exit code 2.
 """
 import sys
 
+from ..beam import beam_search
 from ..config import NON_NEGATIVE, POSITIVE, require
 from ..errors import TinygenError
+from ..gpt import GPT
+from ..runs import load_tokenizer
+from ..sampling import check_sampling_options, make_rng, require_causal, stream
+from .flags import add_model_arguments
 
 
 def add_parser(sub):
@@ -28,7 +38,7 @@ def add_parser(sub):
         "options act in Hugging Face transformers' order: repetition penalty, temperature, top-k, "
         "top-p, min-p (see docs/sampling.md).",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run directory (model and tokenizer)")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the text to continue (<|endoftext|> is allowed)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default: 100)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy; <1 sharper, >1 flatter (default: 1.0)")
@@ -86,7 +96,6 @@ def _infill_ids(tokenizer, model, args):
 
 
 def _check_args(args):
-    from ..sampling import check_sampling_options
 
     require("--max-new-tokens", args.max_new_tokens, NON_NEGATIVE)
     if args.min_new_tokens is not None:
@@ -107,16 +116,12 @@ def _check_args(args):
 
 
 def run(args) -> int:
-    from ..finetuning.finetune import is_finetuned_run, load_run
-    from ..gpt import GPT
-    from ..sampling import make_rng, require_causal, stream
-    from ..tokenizer.tokenizer import Tokenizer
 
     _check_args(args)
-    # A fine-tuned run holds either a whole model or adapter weights over its base.
-    model = load_run(args.model) if is_finetuned_run(args.model) else GPT.from_pretrained(args.model)
+    # One loader for every run directory; LoRA is merged, so decoding takes the fast path.
+    model = GPT.from_pretrained(args.model, adapter=args.adapter, base=args.base, merged=True)
     require_causal(model.config, "tinygen sample")
-    tokenizer = Tokenizer.load_dir(args.model)
+    tokenizer = load_tokenizer(args.model, adapter=args.adapter, base=args.base)
     ids = _encode_prompt(tokenizer, model, args.prompt) if args.suffix is None else _infill_ids(tokenizer, model, args)
     stops = list(args.stop or []) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
     out = sys.stdout
@@ -141,7 +146,6 @@ def run(args) -> int:
 
 
 def _run_beams(args, model, tokenizer, ids, stops, out):
-    from ..beam import beam_search
 
     result = beam_search(model, ids, args.max_new_tokens, args.num_beams, eos_id=tokenizer.eot_id,
                          num_return_sequences=args.num_samples, min_new_tokens=args.min_new_tokens or 0)

@@ -17,7 +17,8 @@ Names: the update of `h.0.attn.c_attn.weight` is stored as
 the same (in, out) orientation as GPT-2's Conv1D weights, so the code reads
 x @ A @ B. Hugging Face PEFT stores torch Linear weights (out, in): its
 `...c_attn.lora_A.weight` is our lora_A.T (r, C_in) and its
-`...c_attn.lora_B.weight` is our lora_B.T (N, r).
+`...c_attn.lora_B.weight` is our lora_B.T (N, r) (tinygen.finetuning.peft
+reads and writes that layout).
 
 Shapes: C_in input width, N output width, r rank; x is (..., C_in).
 """
@@ -81,8 +82,8 @@ def target_weights(params: dict, targets) -> list:
     >>> target_weights({"h.0.attn.c_attn.weight": 0, "h.0.mlp.c_fc.weight": 0}, ["c_attn"])
     ['h.0.attn.c_attn.weight']
     """
-    return [k for k in params if k.startswith("h.") and k.endswith(".weight")
-            and is_target(k[: -len(".weight")], targets)]
+    return [k for k in params if k.startswith("h.") and k.endswith(".weight") and np.ndim(params[k]) < 3
+            and is_target(k[: -len(".weight")], targets)]  # not a mixture's stacked (E, C_in, N) experts
 
 
 def init_lora(params: dict, spec: LoraSpec, rng: np.random.Generator) -> dict:

@@ -1,15 +1,17 @@
 """The fine-tuning methods as one table: a row says all the run needs to know about a method.
 
-    method   trains                    adds                          attaches (Parts -> Parts)       saved as             merges
-    full     every parameter but the   nothing                       nothing                         model.safetensors    -
+    method   trains                    adds                          attaches (Parts -> Parts)       saved as             merges             PEFT type
+    full     every parameter but the   nothing                       nothing                         model.safetensors    -                  -
              frozen embeddings/blocks
-    lora     *.lora_A, *.lora_B        A (C_in, r), B (r, N) per     linear <- lora_linear(spec,     adapter.safetensors  w + (alpha/r) A B
+    lora     *.lora_A, *.lora_B        A (C_in, r), B (r, N) per     linear <- lora_linear(spec,     adapter.safetensors  w + (alpha/r) A B  LORA
                                        target projection, B = 0        linear)
-    adapter  h.*.adapter_*             down, up per branch, up = 0   branch <- ADAPTER               adapter.safetensors  -
-    prompt   prompt.weight             P (n, C) from n token rows    embed <- prompt_embed(embed)    adapter.safetensors  -
+    adapter  h.*.adapter_*             down, up per branch, up = 0   branch <- ADAPTER               adapter.safetensors  -                  -
+    prompt   prompt.weight             P (n, C) from n token rows    embed <- prompt_embed(embed)    adapter.safetensors  -                  PROMPT_TUNING
 
 Each function takes the run's FinetuneConfig `fc`, which holds every
-method's hyperparameters. A new method is a new module with its part(s)
+method's hyperparameters. A method with a PEFT type is also written (and
+read) in Hugging Face PEFT's adapter layout (tinygen.finetuning.peft); the
+bottleneck adapters have no PEFT equivalent and keep tinygen's file only. A new method is a new module with its part(s)
 and one new row; tinygen.finetuning.finetune never asks which method it runs.
 """
 from typing import Callable, NamedTuple, Optional
@@ -28,6 +30,7 @@ class Method(NamedTuple):
     attach: Callable  # (parts: Parts, fc) -> Parts: the model's parts with the method's
     whole_model: bool  # saved as a whole model (True) or as its own tensors only, over the base (False)
     merge: Optional[Callable]  # (params, fc) -> the params of a plain GPT-2 computing the same; None: it cannot
+    peft_type: Optional[str] = None  # the PEFT library's name for it (adapter_config.json's peft_type); None: none
 
 
 def lora_spec(fc) -> LoraSpec:
@@ -67,6 +70,7 @@ LORA = Method(
     attach=lambda parts, fc: parts._replace(linear=lora_linear(lora_spec(fc), parts.linear)),
     whole_model=False,
     merge=lambda params, fc: lora_merge(params, lora_spec(fc)),
+    peft_type="LORA",
 )
 ADAPTERS = Method(
     "adapter", 3e-3,
@@ -84,6 +88,7 @@ PROMPT_TUNING = Method(
     attach=lambda parts, fc: parts._replace(embed=prompt_embed(parts.embed)),
     whole_model=False,
     merge=None,  # extra positions are not a weight of GPT-2
+    peft_type="PROMPT_TUNING",
 )
 
 METHODS = {m.name: m for m in (FULL, LORA, ADAPTERS, PROMPT_TUNING)}

@@ -5,7 +5,9 @@
 P (n, C), stored as `prompt.weight`, is prepended to every sequence's token
 embeddings; the whole model is frozen and only P is trained (n C scalars).
 As in Hugging Face PEFT for GPT-2, the virtual tokens take positions
-0..n-1 and the real tokens n..n+T-1, so a sequence needs n + T <= block_size.
+0..n-1 and the real tokens n..n+T-1, so a sequence needs n + T <= block_size
+(peft's PeftModelForCausalLM.forward passes GPT-2 no position ids, which then
+counts from 0 over the n + T embeddings: tinygen.finetuning.peft, docs/peft.md).
 The model drops the virtual positions before the LM head: their logits
 would predict nothing, and the caller's logits stay (B, T, V).
 

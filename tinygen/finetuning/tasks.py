@@ -47,6 +47,7 @@ import numpy as np
 from ..errors import TinygenError
 from ..fim import fim_ids, rearrange
 from ..loss import IGNORE
+from ..plumbing.fileio import atomic_open, parse_json
 from .metrics import check_metric_names
 
 TASKS = ("summarize", "name", "args")
@@ -71,20 +72,20 @@ class Encoded(NamedTuple):
 def read_jsonl(path) -> list:
     """Examples of a JSONL file; a malformed line raises TinygenError "FILE:LINE: why".
 
-    Blank lines are skipped. "prompt" and "completion" must be strings (the
-    completion non-empty); "task", when present, a non-empty string.
+    Blank lines are skipped, and a UTF-8 byte-order mark at the start. Each
+    line must be UTF-8 JSON (not nested too deeply, no key twice); "prompt"
+    and "completion" must be strings (the completion non-empty); "task",
+    when present, a non-empty string.
     """
     path = os.fspath(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TinygenError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_example(obj, f"{path}:{n}"))
+            examples.append(_example(parse_json(raw, f"{path}:{n}"), f"{path}:{n}"))
     if not examples:
         raise TinygenError(f"{path}: no examples (expected JSONL lines with \"prompt\" and \"completion\")")
     named = {}
@@ -115,8 +116,8 @@ def _example(obj, where) -> Example:
 
 
 def write_jsonl(path, examples) -> None:
-    """Write examples as JSONL (the format read_jsonl reads)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write examples as JSONL (the format read_jsonl reads), atomically."""
+    with atomic_open(path, "w") as f:
         for e in examples:
             metric = {"metric": list(e.metrics)} if e.metrics else {}
             f.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "task": e.task, **metric}) + "\n")

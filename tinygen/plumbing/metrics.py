@@ -6,12 +6,14 @@ A row is whatever the training loop measured at a step, e.g.
      "lr": 0.0006, "grad_norm": 0.84, "tokens_per_sec": 12500.0, "elapsed_s": 32.8}
 
 Contract:
-- Appending writes one whole line with a single write and flushes it, so a
-  crash loses at most the line being written. Floats are rounded to
+- Appending writes one whole line with a single write, so a crash loses at
+  most the line being written; a write the OS refuses (a full disk) is cut
+  back off the file and raised as WriteError. Floats are rounded to
   `SIGNIFICANT_DIGITS` significant digits; NaN and infinities become null
   (JSON has no NaN); NumPy scalars become plain numbers.
 - `read_metrics` skips a last line that does not parse (a crash mid-write);
-  a bad line anywhere else is an error naming the file and the line.
+  a bad line anywhere else (not JSON, not an object, nested too deeply, a
+  key twice) is a TinygenError naming the file and the line.
 - `truncate_after(path, step)` keeps rows with step <= `step`, byte for byte,
   so that a run resumed from the checkpoint of that step appends to a log
   that matches the uninterrupted run's. The rewrite is atomic.
@@ -22,8 +24,8 @@ import os
 
 import numpy as np
 
-from ..errors import TinygenError
-from .fileio import atomic_write_text
+from ..errors import TinygenError, WriteError
+from .fileio import append_bytes, atomic_write_text, parse_json
 
 SIGNIFICANT_DIGITS = 6
 
@@ -53,9 +55,10 @@ def _split_lines(text: str) -> tuple[list[str], str]:
 
 
 def _parse(line: str):
+    """One line -> its row (a dict), or None if it is not a JSON object (torn, corrupt, hostile)."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
+        row = parse_json(line, "metrics line")
+    except TinygenError:
         return None
     return row if isinstance(row, dict) else None
 
@@ -80,22 +83,22 @@ class MetricsLog:
             return
         cut = data.rfind(b"\n") + 1  # start of the unterminated tail
         tail = data[cut:].decode("utf-8", errors="replace")
-        with open(self.path, "r+b") as f:
-            if _parse(tail) is not None:
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-            else:
-                f.truncate(cut)
+        try:
+            with open(self.path, "r+b") as f:
+                if _parse(tail) is not None:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:
+                    f.truncate(cut)
+        except OSError as e:
+            raise WriteError(self.path, e) from e
 
     def append(self, row: dict) -> dict:
         """Write `row` as one line; returns the cleaned row that was written."""
         if not isinstance(row, dict):
             raise TinygenError(f"a metrics row must be a dict, got {type(row).__name__}")
         clean = _clean(row)
-        line = json.dumps(clean, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        append_bytes(self.path, (json.dumps(clean, allow_nan=False) + "\n").encode("utf-8"))
         return clean
 
 

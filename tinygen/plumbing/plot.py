@@ -6,7 +6,8 @@ one polyline per series, a legend, and axis labels. A point whose y is None
 or NaN breaks its line into separate segments; a lone point is drawn as a
 dot; a plot with no finite points says "no data". `write_loss_svg` draws
 train_loss and val_loss from the rows of a metrics log and writes
-RUN_DIR/loss.svg atomically.
+RUN_DIR/loss.svg atomically; `write_expert_load_svg` draws each expert's
+share of the routed tokens, one panel per block with experts (RUN_DIR/expert_load.svg).
 
 Coordinates: data (x, y) maps to pixels (px, py) with py growing downwards:
 
@@ -23,7 +24,8 @@ from .fileio import atomic_write_text
 
 WIDTH, HEIGHT = 720, 440
 LEFT, RIGHT, TOP, BOTTOM = 72, 24, 46, 58  # margins around the plot area, pixels
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 MARKERS_UP_TO = 40  # series with at most this many points also get a dot per point
 
@@ -232,3 +234,55 @@ def write_loss_svg(path, metrics_rows: list[dict], title: str = "loss") -> None:
         series[label] = [(row["step"], row[key]) for row in metrics_rows
                          if row.get(key) is not None and row.get("step") is not None]
     atomic_write_text(path, loss_svg(series, title))
+
+
+def stacked_svg(documents: list[str]) -> str:
+    """SVG documents (each WIDTH x HEIGHT, as loss_svg draws them) one above the other, as one
+    document: each becomes a nested <svg> element placed `y` pixels down."""
+    inner = []
+    for i, doc in enumerate(documents):
+        body = doc[doc.index(">") + 1:doc.rindex("</svg>")]  # drop the outer <svg ...> and </svg>
+        body = body.replace("plot-area", f"plot-area-{i}")  # ids are unique per document
+        inner.append(f'<svg x="0" y="{i * HEIGHT}" width="{WIDTH}" height="{HEIGHT}">{body}</svg>')
+    height = HEIGHT * max(1, len(documents))
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+            f'viewBox="0 0 {WIDTH} {height}">')
+    return "\n".join([head, *inner, "</svg>"]) + "\n"
+
+
+def running_mean(values: list, window: int) -> list:
+    """Mean of each value and the window - 1 before it (fewer at the start).
+
+    >>> running_mean([1, 3, 5, 7], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+LOAD_WINDOW = 25  # steps averaged in the expert-load plot: one step's shares are noisy
+
+
+def write_expert_load_svg(path, metrics_rows: list[dict], window: int = LOAD_WINDOW) -> None:
+    """Plot each expert's share of the routed tokens against step, one panel per block
+    with experts, from the rows' "expert_load" ({block: [share of expert 0, 1, ...]}); write atomically.
+
+    Each line is the running mean over `window` steps. A reference series "1/E" marks
+    perfect balance. Rows without the key are skipped.
+    """
+    rows = [r for r in metrics_rows if isinstance(r.get("expert_load"), dict) and r.get("step") is not None]
+    blocks = list(rows[-1]["expert_load"]) if rows else []
+    panels = []
+    for block in blocks:
+        n_expert = len(rows[-1]["expert_load"][block])
+        have = [r for r in rows if block in r["expert_load"]]
+        steps = [r["step"] for r in have]
+        series = {f"expert {e}": list(zip(steps, running_mean([r["expert_load"][block][e] for r in have], window)))
+                  for e in range(n_expert)}
+        series["1/E"] = [(steps[0], 1 / n_expert), (steps[-1], 1 / n_expert)]
+        title = f"expert load, {block}" + (f" (mean over {window} steps)" if window > 1 else "")
+        panels.append(loss_svg(series, title, ylabel="share of routed tokens"))
+    atomic_write_text(path, stacked_svg(panels or [loss_svg({}, "expert load")]))

@@ -8,22 +8,33 @@ line per token; GPT-2 stores vocab.json (token text -> id) and merges.txt
 through a byte-to-printable-character map (`gpt2_byte_chars`).
 """
 import base64
-import json
 
 from ..errors import TinygenError
+from ..plumbing.fileio import parse_json
 
 
 def read_tiktoken(path) -> dict:
-    """{token bytes: rank} from a tiktoken rank file such as cl100k_base.tiktoken."""
-    ranks = {}
+    """{token bytes: rank} from a tiktoken rank file such as cl100k_base.tiktoken.
+
+    A malformed line, an empty or repeated token, a repeated rank: TinygenError "FILE:LINE: why".
+    """
+    ranks, line_of_rank = {}, {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-                except ValueError:
-                    raise TinygenError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                token, rank = base64.b64decode(token, validate=True), int(rank)
+            except ValueError:
+                raise TinygenError(f"{path}:{n}: expected 'base64-token rank', got {line[:60]!r}") from None
+            if not token or rank < 0:
+                raise TinygenError(f"{path}:{n}: expected a non-empty token and a rank >= 0, got {line[:60]!r}")
+            if token in ranks:
+                raise TinygenError(f"{path}:{n}: the token of line {line_of_rank[ranks[token]]} again")
+            if rank in line_of_rank:
+                raise TinygenError(f"{path}:{n}: rank {rank} was given to line {line_of_rank[rank]} already")
+            ranks[token], line_of_rank[rank] = rank, n
     return ranks
 
 
@@ -32,31 +43,52 @@ def read_gpt2(vocab_json, merges_txt):
 
     Entries of vocab.json that no merge builds, like "<|endoftext|>", are the
     special tokens. Every merge must give its result the next id, 256 + n.
+    A problem is a TinygenError naming the file (and for merges.txt the line).
     """
     decoder = {c: b for b, c in gpt2_byte_chars().items()}
+    with open(vocab_json, "rb") as f:
+        vocab = parse_json(f.read(), f"{vocab_json}: not GPT-2 vocab.json")
+    if not isinstance(vocab, dict):
+        raise TinygenError(f"{vocab_json}: not GPT-2 vocab.json: expected an object of token -> id, "
+                           f"got {type(vocab).__name__}")
     ranks, merges = {}, []
-    try:
-        with open(vocab_json, encoding="utf-8") as f:
-            vocab = dict(json.load(f))
-        with open(merges_txt, encoding="utf-8") as f:
-            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-        for c, b in decoder.items():
-            ranks[bytes([b])] = vocab.pop(c)
-        if sorted(ranks.values()) != list(range(256)):
-            raise TinygenError("the 256 byte tokens must have ids 0..255")
-        for n, line in enumerate(lines):
-            left, right = line.split(" ")
-            a, b = bytes(map(decoder.__getitem__, left)), bytes(map(decoder.__getitem__, right))
-            if vocab.pop(left + right, None) != 256 + n or a + b in ranks:
-                raise TinygenError(f"merge {n} {line!r}: vocab.json must give {left + right!r} the id {256 + n}")
-            ranks[a + b] = 256 + n
-            merges.append((a, b))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, TinygenError):
-            raise TinygenError(f"{merges_txt}: {e}") from None
-        raise TinygenError(f"{vocab_json}, {merges_txt}: not GPT-2 vocab.json/merges.txt files: "
-                           f"{type(e).__name__} {e}") from None
+    for c, b in decoder.items():
+        i = vocab.pop(c, None)
+        if not _is_id(i):
+            raise TinygenError(f"{vocab_json}: not GPT-2 vocab.json: byte token {c!r} has id {i!r:.40}, "
+                               "expected an integer id")
+        ranks[bytes([b])] = i
+    if sorted(ranks.values()) != list(range(256)):
+        raise TinygenError(f"{vocab_json}: the 256 byte tokens must have ids 0..255")
+    with open(merges_txt, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    for number, raw in enumerate(raw_lines, 1):
+        where, n = f"{merges_txt}:{number}", len(merges)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TinygenError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+        if not line or line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts) or not set(line) - {" "} <= decoder.keys():
+            raise TinygenError(f"{where}: expected 'left right' in GPT-2's byte characters, got {line[:60]!r}")
+        left, right = parts
+        a, b = bytes(map(decoder.__getitem__, left)), bytes(map(decoder.__getitem__, right))
+        if vocab.pop(left + right, None) != 256 + n or a + b in ranks or a not in ranks or b not in ranks:
+            raise TinygenError(f"{where}: merge {n} {line[:60]!r}: vocab.json must give {left + right!r:.60} "
+                               f"the id {256 + n}, and both sides must be tokens already")
+        ranks[a + b] = 256 + n
+        merges.append((a, b))
+    bad = next((k for k, i in vocab.items() if not _is_id(i)), None)
+    if bad is not None:
+        raise TinygenError(f"{vocab_json}: special token {bad!r:.60} has id {vocab[bad]!r:.40}, expected an integer")
     return ranks, vocab, merges
+
+
+def _is_id(i) -> bool:
+    """A token id: a non-negative int, not a bool."""
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
 
 
 def gpt2_byte_chars():

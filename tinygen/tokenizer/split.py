@@ -26,10 +26,11 @@ def compile_pattern(pattern):
     """The compiled split regex; a TinygenError names an invalid one."""
     try:
         compiled = regex.compile(pattern)
-    except (regex.error, TypeError) as e:
-        raise TinygenError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
+    except (regex.error, TypeError, RecursionError, OverflowError) as e:  # deep nesting: RecursionError
+        raise TinygenError(f"split pattern {pattern!r:.200} is not a valid regex: {type(e).__name__}: "
+                           f"{str(e)[:200]}") from None
     if compiled.groups:
-        raise TinygenError(f"split pattern {pattern!r} has capturing groups; use (?:...) instead")
+        raise TinygenError(f"split pattern {pattern!r:.200} has capturing groups; use (?:...) instead")
     return compiled
 
 

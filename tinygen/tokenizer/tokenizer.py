@@ -30,7 +30,7 @@ import regex
 
 from .bpe import encode_piece, recover_merges, train_merges
 from ..errors import TinygenError
-from ..plumbing.fileio import atomic_write_text
+from ..plumbing.fileio import atomic_write_text, parse_json
 from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
 from .compat import TiktokenMethods, TokenNotFound
 from .files import escape_token, read_gpt2, read_tiktoken, unescape_token
@@ -39,6 +39,7 @@ ENDOFTEXT = "<|endoftext|>"
 CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                          "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 FORMAT, VERSION = "tinygen-tokenizer", 1
+MAX_PATTERN_CHARS = 10_000  # a split pattern read from a file; GPT-4's has 131
 
 
 class Tokenizer(TiktokenMethods):
@@ -355,12 +356,7 @@ class Tokenizer(TiktokenMethods):
     @classmethod
     def load(cls, path):
         """Read a file written by `save`; a corrupt, truncated or foreign file raises TinygenError."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TinygenError(f"{path}: not a tinygen tokenizer file (invalid JSON, truncated?): {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(_read_tokenizer_json(path), str(path))
 
     @classmethod
     def from_dict(cls, data, where="tokenizer"):
@@ -374,9 +370,13 @@ class Tokenizer(TiktokenMethods):
             order, pattern, specials = data["byte_order"], data["pattern"], data["special_tokens"]
             if sorted(order) != list(range(256)) or not isinstance(pattern, str) or not isinstance(specials, dict):
                 raise ValueError("byte_order, pattern or special_tokens malformed")
+            if len(pattern) > MAX_PATTERN_CHARS:  # compiling costs ~250 bytes per character
+                raise ValueError(f"pattern of {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are read")
             ranks = {bytes([b]): i for i, b in enumerate(order)}
             merges = []
             for k, (left, right) in enumerate(data["merges"]):
+                if not (isinstance(left, str) and isinstance(right, str)):
+                    raise ValueError(f"merge {k}: expected two strings, got {[left, right]!r:.80}")
                 a, b = unescape_token(left), unescape_token(right)
                 if a not in ranks or b not in ranks or a + b in ranks:
                     raise ValueError(f"merge {k} {[left, right]}: both sides must be tokens defined before it, "
@@ -385,18 +385,23 @@ class Tokenizer(TiktokenMethods):
                 merges.append((a, b))
             tok = cls(ranks, pattern, specials, merges)
             if tok.vocab_size != data["vocab_size"]:
-                raise ValueError(f"vocab_size {data['vocab_size']!r} does not match the merges ({tok.vocab_size})")
+                raise ValueError(f"vocab_size {data['vocab_size']!r:.40} does not match the merges ({tok.vocab_size})")
+            _check_dense(tok)
         except TinygenError as e:
             raise TinygenError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise TinygenError(f"{where}: corrupt tokenizer file: {type(e).__name__}: {e}") from None
+            raise TinygenError(f"{where}: corrupt tokenizer file: {type(e).__name__}: {str(e)[:200]}") from None
         return tok
 
     @classmethod
     def from_tiktoken(cls, path, pattern="gpt4", special_tokens=None):
         """A tiktoken rank file (lines "base64-token rank"), e.g. cl100k_base.tiktoken
         with pattern "gpt4" and `CL100K_SPECIAL_TOKENS`."""
-        return cls(read_tiktoken(path), pattern, special_tokens)
+        ranks = read_tiktoken(path)
+        try:
+            return _check_dense(cls(ranks, pattern, special_tokens))
+        except TinygenError as e:
+            raise TinygenError(f"{path}: {e}") from None
 
     @classmethod
     def from_gpt2(cls, vocab_json, merges_txt, pattern="gpt2"):
@@ -406,7 +411,10 @@ class Tokenizer(TiktokenMethods):
         vocabulary entries that no merge builds, like "<|endoftext|>", are special.
         """
         ranks, specials, merges = read_gpt2(vocab_json, merges_txt)
-        return cls(ranks, pattern, specials, merges)
+        try:
+            return _check_dense(cls(ranks, pattern, specials, merges))
+        except TinygenError as e:
+            raise TinygenError(f"{vocab_json}: {e}") from None
 
     @classmethod
     def load_dir(cls, path):
@@ -414,11 +422,7 @@ class Tokenizer(TiktokenMethods):
         vocab.json + merges.txt (or encoder.json + vocab.bpe)."""
         own, foreign = os.path.join(path, "tokenizer.json"), None
         if os.path.isfile(own):
-            try:
-                with open(own, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise TinygenError(f"{own}: not a tokenizer file (invalid JSON, truncated?): {e}") from None
+            data = _read_tokenizer_json(own)
             if isinstance(data, dict) and data.get("format") == FORMAT:
                 return cls.from_dict(data, own)
             foreign = f"{own} is not a tinygen tokenizer file (a Hugging Face tokenizers file?)"
@@ -427,6 +431,28 @@ class Tokenizer(TiktokenMethods):
                 return cls.from_gpt2(os.path.join(path, vocab), os.path.join(path, merges))
         raise TinygenError((foreign + " and there is no vocab.json + merges.txt beside it") if foreign else
                            f"{path}: no tokenizer found: expected tinygen's tokenizer.json, or vocab.json + merges.txt")
+
+
+def _read_tokenizer_json(path):
+    """The parsed JSON of a tokenizer file; not UTF-8, not JSON, too deep, a repeated key -> TinygenError."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return parse_json(raw, f"{path}: not a tinygen tokenizer file")
+
+
+def _check_dense(tok):
+    """`tok`, if its ids leave at most as many unused ids below vocab_size as it has tokens.
+
+    A model gives every id below vocab_size a row of its embedding, so a
+    file of a few bytes naming a special token id of 10**12 would otherwise
+    make tinygen allocate terabytes. cl100k leaves 16 ids unused; none of
+    tinygen's own files leave any.
+    """
+    used = len(tok._id_bytes)
+    if tok.vocab_size - used > used:
+        raise TinygenError(f"vocab_size {tok.vocab_size} leaves {tok.vocab_size - used} ids unused, more than "
+                           f"the {used} tokens: is a token id (max {tok.vocab_size - 1}) corrupt?")
+    return tok
 
 
 @functools.lru_cache(maxsize=64)
