@@ -1,4 +1,4 @@
-"""What several test modules share: a text with every kind of chunk, a small perturbed model."""
+"""What several test modules share: a text with every kind of chunk, a small perturbed model, a word corpus."""
 import numpy as np
 
 from tinygen import GPT, GPTConfig
@@ -21,3 +21,12 @@ def tiny_model(vocab=11, block=8, layers=2, heads=2, embd=8, dtype="float64", se
     for k, v in model.params.items():
         model.params[k] = (v + rng.normal(0, scale, v.shape)).astype(v.dtype)
     return model
+
+
+def word_corpus(folder, files=8, lines=40, words=8, seed=0) -> str:
+    """`files` small text files of random code-ish words in `folder` (a pathlib.Path); returns its path."""
+    rng = np.random.default_rng(seed)
+    vocab = "def return class import self value print list from data the a of".split()
+    for i in range(files):
+        (folder / f"d{i}.txt").write_text("\n".join(" ".join(rng.choice(vocab, words)) for _ in range(lines)) + "\n")
+    return str(folder)

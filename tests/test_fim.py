@@ -18,6 +18,8 @@ from tinygen.loss import IGNORE
 from tinygen.pretrain import special_tokens
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
+from shared import word_corpus
+
 PRE, MID, SUF, EOT = 256, 257, 258, 259
 BYTES = Tokenizer({bytes([b]): b for b in range(256)}, "gpt4", dict(zip(FIM_TOKENS + (ENDOFTEXT,), (PRE, MID, SUF, EOT))))
 
@@ -129,12 +131,7 @@ def test_fim_fine_tuning_examples_learn_the_middle():
 # ------------------------------------------------------------------ the pipeline
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = "def return class import self value print list from data the a of".split()
-    for i in range(8):
-        (folder / f"d{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(40)) + "\n")
-    return str(folder)
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 SMALL = ["--preset", "tiny", "--vocab-size", "300", "--block-size", "32", "--n-layer", "1", "--n-embd", "32",

@@ -20,6 +20,8 @@ from tinygen.pretrain import special_tokens
 from tinygen.data import DataConfig
 from tinygen.tokenizer import ENDOFTEXT, Tokenizer
 
+from shared import word_corpus
+
 MASK_ID, EOT = 256, 257
 BYTES = Tokenizer({bytes([b]): b for b in range(256)}, "gpt4", {MASK: MASK_ID, ENDOFTEXT: EOT})
 ORDINARY = np.arange(256)
@@ -115,12 +117,7 @@ def test_fill_mask_refuses(model, text, top_k, message):
 # ------------------------------------------------------------------ the pipeline
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = "def return class import self value print list from data the a of".split()
-    for i in range(8):
-        (folder / f"d{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(40)) + "\n")
-    return str(folder)
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 SMALL = ["--preset", "tiny", "--vocab-size", "300", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",
