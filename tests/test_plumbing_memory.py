@@ -1,8 +1,9 @@
-"""reuse_freed_memory: the command opts in, the library never changes malloc behind the caller's back.
+"""reuse_freed_memory: applied once per process at tinygen's first computation, unless
+TINYGEN_MALLOC=default; the other process-wide settings are restored after every call.
 
 Each check runs in a fresh Python process: malloc's settings are process-wide
 and cannot be undone, and by the time this file runs, other tests have
-called the `tinygen` command in the test process, which applies them.
+run tinygen in the test process, which applies them.
 
 The probe: glibc serves a block above its mmap threshold (at most 32 MiB
 while the threshold is glibc's own, dynamic one) with a mapping of its own,
@@ -48,13 +49,15 @@ from tinygen import GPT, GPTConfig, reuse_freed_memory
 
 config = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
 idx = np.arange(16).reshape(2, 8) % 32
-mapped_before = own_mapping()
+mapped_at_import = own_mapping()
 before = GPT(config).loss_and_grads(idx, idx)
+mapped_before = own_mapping()  # after tinygen's first computation
 applied = reuse_freed_memory()
 mapped_after = own_mapping()
 after = GPT(config).loss_and_grads(idx, idx)
 same = bool(before[0] == after[0] and all(np.array_equal(before[1][k], after[1][k]) for k in before[1]))
-print(json.dumps({"applied": applied, "mapped_before": mapped_before, "mapped_after": mapped_after, "same": same}))
+print(json.dumps({"applied": applied, "mapped_at_import": mapped_at_import, "mapped_before": mapped_before,
+                  "mapped_after": mapped_after, "same": same}))
 '''
 
 LIBRARY_PATH = PROBE + r'''
@@ -81,37 +84,53 @@ print(json.dumps({"before": before, "after": state(), "step": run.result.step}))
 '''
 
 
-def fresh_python(code, *args) -> dict:
+def fresh_python(code, *args, opt_out=False) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TINYGEN_MALLOC", None)
+    if opt_out:
+        env["TINYGEN_MALLOC"] = "default"
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_reuse_freed_memory_applies_on_glibc_and_changes_no_result():
-    out = fresh_python(RESULT_UNCHANGED)
+def test_opting_out_keeps_malloc_until_the_caller_applies_it_and_no_result_changes():
+    out = fresh_python(RESULT_UNCHANGED, opt_out=True)
     assert out["applied"] is GLIBC  # mallopt exists only in glibc
     assert out["same"]  # how memory is recycled never changes a number
-    if GLIBC:  # and the probe sees the setting: a 64 MiB block moves from its own mapping to the heap
-        assert out["mapped_before"] is True and out["mapped_after"] is False
-
-
-def test_the_library_pipeline_leaves_the_process_settings_alone(tmp_path):
-    """tinygen.pretrain (tokenizer, training on 2 worker threads, samples) as a library:
-    malloc, the Ctrl-C handler, NumPy's error state and the BLAS thread count are as they were."""
-    out = fresh_python(LIBRARY_PATH, tmp_path)
-    assert out["step"] == 3
-    assert out["after"] == out["before"]
-    if GLIBC:
-        assert out["after"]["own_mapping"] is True  # still glibc's own threshold
+    if GLIBC:  # the probe sees the setting: a 64 MiB block moves from its own mapping to the heap
+        assert out["mapped_at_import"] is True and out["mapped_before"] is True and out["mapped_after"] is False
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
-def test_the_command_opts_in():
+def test_the_first_computation_applies_it_by_default_and_importing_does_not():
+    out = fresh_python(RESULT_UNCHANGED)
+    assert out["mapped_at_import"] is True  # `import tinygen` changes nothing
+    assert out["mapped_before"] is False  # the first loss_and_grads did
+    assert out["same"]
+
+
+@pytest.mark.parametrize("opt_out", [False, True], ids=["default", "TINYGEN_MALLOC=default"])
+def test_the_library_pipeline_restores_the_other_process_settings(tmp_path, opt_out):
+    """tinygen.pretrain (tokenizer, training on 2 worker threads, samples) as a library:
+    the Ctrl-C handler, NumPy's error state and the BLAS thread count are as they were; malloc too
+    when the caller opted out, else it has the reuse setting."""
+    out = fresh_python(LIBRARY_PATH, tmp_path, opt_out=opt_out)
+    assert out["step"] == 3
+    for key in ("sigint", "errstate", "blas_threads"):
+        assert out["after"][key] == out["before"][key], key
+    if GLIBC:
+        assert out["before"]["own_mapping"] is True
+        assert out["after"]["own_mapping"] is opt_out
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.parametrize("opt_out", [False, True], ids=["default", "TINYGEN_MALLOC=default"])
+def test_the_command_applies_it_unless_opted_out(opt_out):
     code = PROBE + r'''
 from tinygen.cli import main
-assert main(["sample", "--model", sys.argv[1], "--prompt", "x"]) == 2  # no such run: fails after opting in
+assert main(["sample", "--model", sys.argv[1], "--prompt", "x"]) == 2  # no such run: fails after the setting
 print(json.dumps({"own_mapping": own_mapping()}))
 '''
-    assert fresh_python(code, "/nonexistent-run")["own_mapping"] is False
+    assert fresh_python(code, "/nonexistent-run", opt_out=opt_out)["own_mapping"] is opt_out

@@ -13,7 +13,7 @@ from tinygen.loss import IGNORE
 from tinygen.gpt import GPT
 from tinygen import optim
 from tinygen.optim import CHUNK, AdamW
-from tinygen.plumbing.parallel import Workers, blas_threads, default_workers, openblas_threads_api, ranges
+from tinygen.plumbing.parallel import OneBlasThread, Workers, default_workers, openblas_threads_api, ranges
 from tinygen.train import TrainConfig, accumulate_grads
 
 V, T = 11, 5
@@ -66,13 +66,18 @@ def test_workers_reject_a_bad_count(n):
         Workers(n)
 
 
-def test_blas_threads_are_limited_inside_and_restored_after():
+def openblas_or_skip():
     api = openblas_threads_api()
     if api is None:
         pytest.skip("NumPy here does not use OpenBLAS")
+    return api
+
+
+def test_blas_threads_are_limited_inside_and_restored_after():
+    api = openblas_or_skip()
     _, get_threads = api
     before = get_threads()
-    with blas_threads(1, api):
+    with OneBlasThread().scope(api):
         assert get_threads() == 1
     assert get_threads() == before
     with Workers(2) as workers:  # Workers.map limits BLAS while its threads run
@@ -81,6 +86,58 @@ def test_blas_threads_are_limited_inside_and_restored_after():
             workers.map(lambda i: 1 // i, range(2))  # ... and restores it when one fails
     assert get_threads() == before
     assert default_workers(batch_size=1) == 1 and default_workers(batch_size=64) == min(default_workers(), 64)
+
+
+def test_overlapping_scopes_restore_the_callers_count_once_the_last_closes():
+    """Two of the caller's threads each in a scope, closing in either order: the count is 1 while
+    any is open and the caller's after (a save/restore per scope would leave 1 behind)."""
+    api = openblas_or_skip()
+    set_threads, get_threads = api
+    before = get_threads()
+    scopes = OneBlasThread()
+    for order in ([0, 1], [1, 0]):
+        set_threads(2)
+        opened, release = [threading.Event() for _ in range(2)], [threading.Event() for _ in range(2)]
+
+        def hold(i):
+            with scopes.scope(api):
+                opened[i].set()
+                release[i].wait(10)
+
+        threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
+        for i, t in enumerate(threads):
+            t.start()
+            opened[i].wait(10)
+        assert get_threads() == 1
+        release[order[0]].set()
+        threads[order[0]].join()
+        assert get_threads() == 1  # the other scope is still open
+        release[order[1]].set()
+        threads[order[1]].join()
+        assert get_threads() == 2
+    set_threads(before)
+
+
+@pytest.mark.parametrize("callers_count", [1, 2])
+def test_the_public_api_gives_the_caller_its_blas_setting_back(callers_count):
+    """Whatever the caller set before, GPT's sharded calls leave it as it was, also when
+    several of the caller's threads call the model at once."""
+    set_threads, get_threads = openblas_or_skip()
+    before = get_threads()
+    set_threads(callers_count)
+    try:
+        model = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=8))
+        idx = np.arange(4 * T).reshape(4, T) % V
+        model.forward(idx, workers=2)
+        model.loss(idx, idx, workers=2)
+        model.loss_and_grads(idx, idx, workers=2)
+        model.generate(idx[:, :2], 2, temperature=0, workers=2)
+        assert get_threads() == callers_count
+        with Workers(3) as callers:  # the caller's own threads, each calling the model
+            callers.map(lambda _: model.loss_and_grads(idx, idx, workers=2), range(6))
+        assert get_threads() == callers_count
+    finally:
+        set_threads(before)
 
 
 # ------------------------------------------------------------ the training step
@@ -93,7 +150,7 @@ def reference_step(model, x, y, B, A):
     """Mean over the A micro-batches of GPT.loss_and_grads on each (no sharding)."""
     losses, grads = [], []
     for a in range(A):
-        loss, g = model.loss_and_grads(x[a * B:(a + 1) * B], y[a * B:(a + 1) * B])
+        loss, g = model.loss_and_grads(x[a * B:(a + 1) * B], y[a * B:(a + 1) * B], workers=1)
         losses.append(loss)
         grads.append(g)
     return np.mean(losses), {k: sum(g[k] for g in grads) / A for k in grads[0]}

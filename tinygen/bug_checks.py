@@ -148,12 +148,12 @@ def oracle_outcomes(seed=0):
     m = small_model(seed)
     idx, targets = small_batch(seed)
     want = reference_logits(m.params, idx, m.config)
-    got = m.forward(idx)
+    got = m.forward(idx, workers=1)
     out = [("logits vs the reference forward", max_rel(got, want))]
     logp = want - want.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ref_loss = -np.take_along_axis(logp, targets[..., None], -1).mean()
-    out.append(("loss vs the reference cross-entropy", max_rel(m.loss(idx, targets), ref_loss)))
+    out.append(("loss vs the reference cross-entropy", max_rel(m.loss(idx, targets, workers=1), ref_loss)))
     rng = np.random.default_rng(seed)
     p0, grads = rng.standard_normal((4, 3)), [rng.standard_normal((4, 3)) for _ in range(3)]
     params = {"w": p0.copy()}
@@ -170,11 +170,11 @@ def causality(seed=0):
     """Changing the tokens after position t leaves every logit at positions <= t unchanged."""
     m = small_model(seed)
     idx, _ = small_batch(seed)
-    logits = m.forward(idx)
+    logits = m.forward(idx, workers=1)
     for t in range(CONFIG.block_size - 1):
         other = idx.copy()
         other[:, t + 1:] = (other[:, t + 1:] + 1) % CONFIG.vocab_size
-        if max_rel(m.forward(other)[:, :t + 1], logits[:, :t + 1]) > ORACLE_TOLERANCE:
+        if max_rel(m.forward(other, workers=1)[:, :t + 1], logits[:, :t + 1]) > ORACLE_TOLERANCE:
             return f"fails: position {t} sees a later token"
     return None
 
@@ -207,11 +207,13 @@ def adam_first_step_is_lr(seed=0):
 
 
 def duplicated_batch_same_gradient(seed=0):
-    """The loss is a mean over positions, so the batch [row, row] has the same gradients as [row]."""
+    """The loss is a mean over positions, so the batch [row, row] has the same gradients as [row].
+    In one stream (workers=1): two shards of one row each would be [row] twice, hiding a bug
+    that mixes up the batch's size."""
     m = small_model(seed)
     idx, targets = small_batch(seed, B=1)
-    _, one = m.loss_and_grads(idx, targets)
-    _, two = m.loss_and_grads(np.repeat(idx, 2, 0), np.repeat(targets, 2, 0))
+    _, one = m.loss_and_grads(idx, targets, workers=1)
+    _, two = m.loss_and_grads(np.repeat(idx, 2, 0), np.repeat(targets, 2, 0), workers=1)
     for name in one:
         if max_rel(two[name], one[name]) > ORACLE_TOLERANCE:
             return f"fails: {name} differs"

@@ -176,10 +176,10 @@ def model_fixture(dtype, rng):
     idx = rng.integers(0, config.vocab_size, (2, config.block_size))
     targets = np.roll(idx, -1, axis=1)
     targets[:, -1] = IGNORE
-    loss, grads = model.loss_and_grads(idx, targets)
+    loss, grads = model.loss_and_grads(idx, targets, workers=1)  # one stream: the same bits on any machine
     inputs = {"idx": idx.astype(np.int64), "targets": targets.astype(np.int64), **model.params,
               "n_head": np.array(config.n_head, np.int64)}
-    expected = {"logits": model.forward(idx), "loss": np.array(loss, dtype), **{f"grad.{k}": g for k, g in grads.items()}}
+    expected = {"logits": model.forward(idx, workers=1), "loss": np.array(loss, dtype), **{f"grad.{k}": g for k, g in grads.items()}}
     holds = {"idx": "token ids (B, T)", "targets": "next-token targets (B, T), -1 = not counted",
              "n_head": "option: heads", **{k: "parameter " + k for k in model.params}}
     exp_holds = {"logits": "(B, T, V), tied LM head", "loss": "mean cross-entropy over counted targets",

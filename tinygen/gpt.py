@@ -12,6 +12,16 @@ The math is model.gpt_forward / gpt_backward; this class checks inputs at
 the boundary and connects the pure functions to sampling, checkpoints and the loader of run
 directories, which is why it sits above them (they never import it).
 
+Fast by default: forward, loss, loss_and_grads and generate split a batch's
+rows into one shard per core and run the shards on threads
+(tinygen.sharding), with nothing to call first. `workers=` pins the count
+(1: one stream, exactly the pure functions); the same count gives
+bit-identical results run after run, and any count equals one stream to
+rounding. The process-wide settings this touches are in
+tinygen.plumbing.parallel (OpenBLAS threads: set for each call and
+restored) and tinygen.plumbing.memory (malloc: applied once per process;
+TINYGEN_MALLOC=default opts out).
+
 Shapes: B batch, T time, V vocabulary.
 """
 from typing import Optional
@@ -24,8 +34,11 @@ from .errors import TinygenError
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import KVCache, check_ids, check_params, gpt_backward, gpt_forward, init_params
 from .parts import Parts, make_context, parts_for
+from .plumbing.memory import reuse_freed_memory_by_default
+from .plumbing.parallel import Workers, default_workers
 from .runs import load
 from .sampling import generate
+from .sharding import sharded_forward, sharded_loss, sharded_loss_and_grads
 
 
 class GPT:
@@ -64,17 +77,36 @@ class GPT:
                                         make_context(self.config, self.parts))
         return x.shape[1] - 1
 
-    def forward(self, idx, kv: Optional[KVCache] = None) -> np.ndarray:
-        """idx (B,T) ints -> logits (B,T,V), without dropout."""
+    def forward(self, idx, kv: Optional[KVCache] = None, *, workers: Optional[int] = None) -> np.ndarray:
+        """idx (B,T) ints -> logits (B,T,V), without dropout.
+
+        kv: a KVCache to append to (decoding; one stream). workers: shards of rows run at once
+        (None: one per core, see `workers_for`)."""
         idx = check_ids(idx, self.config)
-        if kv is not None and kv.k.shape[1] != idx.shape[0]:  # would broadcast silently
-            raise TinygenError(f"idx has batch size {idx.shape[0]} but the KVCache was made for {kv.k.shape[1]}")
-        logits, _ = gpt_forward(self.params, idx, self.config, self.parts, kv=kv)
-        return logits
+        if kv is not None:
+            if kv.k.shape[1] != idx.shape[0]:  # would broadcast silently
+                raise TinygenError(f"idx has batch size {idx.shape[0]} but the KVCache was made for {kv.k.shape[1]}")
+            return gpt_forward(self.params, idx, self.config, self.parts, kv=kv)[0]
+        with self.workers_for(idx.shape[0], workers) as pool:
+            return sharded_forward(lambda x: gpt_forward(self.params, x, self.config, self.parts)[0], idx, pool)
 
     def generate(self, idx, max_new_tokens, **options) -> np.ndarray:
-        """Continue each row of idx (B,T) by max_new_tokens ids; see tinygen.sampling.generate."""
+        """Continue each row of idx (B,T) by max_new_tokens ids; see tinygen.sampling.generate.
+        Rows are sharded over the cores (options: workers=)."""
+        reuse_freed_memory_by_default()
         return generate(self, idx, max_new_tokens, **options)
+
+    def workers_for(self, batch_size: int, workers: Optional[int] = None) -> Workers:
+        """The threads one call of batch_size rows runs on, as a `with` block.
+
+        workers=None: one per core, at most one per row (parallel.default_workers), and 1 for a
+        model with experts (their routing couples the rows: the load-balancing loss and the
+        capacity are per batch, so shards would change the math, not just the rounding).
+        """
+        reuse_freed_memory_by_default()
+        if workers is None:
+            workers = 1 if self.config.n_expert else default_workers(batch_size)
+        return Workers(workers)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors, a Hugging Face GPT-2 checkpoint."""
@@ -94,16 +126,21 @@ class GPT:
         config, params, parts, _ = load(directory, dtype, adapter=adapter, base=base, merged=merged)
         return cls(config, params=params, parts=parts)
 
-    def loss(self, idx, targets) -> float:
-        """Mean cross-entropy of next-token predictions, without dropout, plus any auxiliary losses."""
+    def loss(self, idx, targets, *, workers: Optional[int] = None) -> float:
+        """Mean cross-entropy of next-token predictions, without dropout, plus any auxiliary losses.
+        workers: as in forward."""
         idx = check_ids(idx, self.config)
         targets = check_ids(targets, self.config, "targets", allow_ignore=True)
+        with self.workers_for(idx.shape[0], workers) as pool:
+            return sharded_loss(self._loss_one, idx, targets, pool)
+
+    def _loss_one(self, idx, targets) -> float:
         logits, cache = gpt_forward(self.params, idx, self.config, self.parts)
         loss, _ = cross_entropy_forward(logits, targets)
         return loss + sum(value for _, value in cache.aux)
 
     def loss_and_grads(self, idx, targets, rng: Optional[np.random.Generator] = None, scale: float = 1.0,
-                       return_aux: bool = False, stats: Optional[dict] = None):
+                       return_aux: bool = False, stats: Optional[dict] = None, *, workers: Optional[int] = None):
         """Forward, cross-entropy and backward. targets (B,T) ids, -1 to ignore.
 
         rng drives dropout (pass one while training when config.dropout > 0).
@@ -114,19 +151,27 @@ class GPT:
         return_aux=True a third item gives them apart, {name: value}.
         stats: a dict that receives the parts' measurements, {metric: {name: value}}
         (the experts' load: tinygen.moe); GPT-2's parts measure nothing.
+        workers: shards of rows run at once, as in forward (tinygen.sharding: the
+        gradients are the shards' sum, equal to one stream's to rounding).
         """
         idx = check_ids(idx, self.config)
         targets = check_ids(targets, self.config, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise TinygenError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
-        logits, cache = gpt_forward(self.params, idx, self.config, self.parts, rng=rng, aux_scale=float(scale))
+        with self.workers_for(idx.shape[0], workers) as pool:
+            loss, grads, aux, measured = sharded_loss_and_grads(self._loss_and_grads_one, idx, targets, rng=rng,
+                                                                scale=float(scale), workers=pool)
+        if stats is not None:
+            stats.update(measured)
+        return (loss, grads, aux) if return_aux else (loss, grads)
+
+    def _loss_and_grads_one(self, idx, targets, rng, scale):
+        """One stream: -> (loss with aux, grads of scale * loss, aux {name: value}, stats)."""
+        logits, cache = gpt_forward(self.params, idx, self.config, self.parts, rng=rng, aux_scale=scale)
         loss, ce = cross_entropy_forward(logits, targets)
-        (dlogits,) = cross_entropy_backward(float(scale), ce)
+        (dlogits,) = cross_entropy_backward(scale, ce)
         grads = gpt_backward(dlogits, cache)
         aux = {}
         for name, value in cache.aux:
             aux[name] = aux.get(name, 0.0) + value
-        loss += sum(aux.values())
-        if stats is not None:
-            stats.update(cache.stats)
-        return (loss, grads, aux) if return_aux else (loss, grads)
+        return loss + sum(aux.values()), grads, aux, cache.stats

@@ -180,15 +180,16 @@ def _is_float(a):
 def check_model(model, idx, targets, max_coords=16, seed=0, names=None) -> dict:
     """Gradient-check `model.loss_and_grads` for every parameter (or those in `names`).
 
-    The model must be float64 (GPTConfig(dtype="float64")) and dropout-free.
+    The model must be float64 (GPTConfig(dtype="float64")) and dropout-free. Checked in
+    one stream (workers=1): the math of gpt_backward, not how a batch is split over cores.
     Returns {parameter name: max relative error}.
     """
     if model.config.dtype != "float64":
         raise ValueError("check_model needs a float64 model: GPTConfig(..., dtype='float64')")
-    _, grads = model.loss_and_grads(idx, targets)
+    _, grads = model.loss_and_grads(idx, targets, workers=1)
     names = list(model.params) if names is None else names
     inputs = {k: model.params[k] for k in names}
-    return gradcheck(lambda: model.loss(idx, targets), inputs, grads, max_coords, seed)
+    return gradcheck(lambda: model.loss(idx, targets, workers=1), inputs, grads, max_coords, seed)
 
 
 def check_part(part, x, params, name, ctx, max_coords=64, seed=0) -> dict:
@@ -373,7 +374,7 @@ def moe_model_check(seed=0, max_coords=16) -> dict:
     """{param: (shape, error)} for every parameter of a float64 model with experts, trained-mode
     loss (cross-entropy + aux losses, capacity on), drawn away from routing ties (tinygen.moe_check)."""
     model, idx, targets = moe_check.model_setup(seed)
-    _, grads = model.loss_and_grads(idx, targets, rng=np.random.default_rng(0))
+    _, grads = model.loss_and_grads(idx, targets, rng=np.random.default_rng(0), workers=1)
     errors = gradcheck(lambda: moe_check.training_loss(model, idx, targets), model.params, grads, max_coords, seed)
     return {n: (model.params[n].shape, e) for n, e in errors.items()}
 

@@ -193,7 +193,8 @@ class Decoder:
                 self.kv.length = 0
         self.first = False
         if self.kv is None:
-            return self.model.forward(ids[:, self.start:n])[:, -1]  # (B, V), from scratch
+            return self.model.forward(ids[:, self.start:n], workers=1)[:, -1]  # (B, V), from scratch; one
+            # stream: generate already runs one Decoder per shard of rows
         if self.kv.length == 0:
             return self.model.forward(ids[:, self.start:n], kv=self.kv)[:, -1]  # prefill the window
         assert self.kv.length == self.virtual + n - 1 - self.start, "next_logits: n must grow by one per call"

@@ -31,6 +31,7 @@ import numpy as np
 from .kv_decoding import Decoder
 from .errors import TinygenError
 from .model import check_ids
+from .sharding import shard_rows, spawn_rngs
 
 
 # ------------------------------------------------------------ processors
@@ -318,7 +319,7 @@ class _StopWatcher:
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
              repetition_penalty=None, seed=None, stop=None, use_cache=True, tokenizer=None,
-             pad_id=-1, window_keep=None, min_new_tokens=0):
+             pad_id=-1, window_keep=None, min_new_tokens=0, workers=None):
     """Continue each prompt by up to max_new_tokens tokens; returns the ids, prompt first.
 
     idx: (B, T) equal-length prompts, or one prompt (T,) (then the result is 1-D).
@@ -337,11 +338,35 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     ids; a stop string can still end a row earlier). A greedy completion that
     would be empty because end-of-text wins the first step gets
     min_new_tokens=1 tokens instead.
+    workers: shards of rows decoded at once (None: model.workers_for's default, one per
+    core; 1: one stream). Greedy rows come out the same for any count (to the rounding
+    of the logits); sampled rows draw from generators spawned from `seed` per shard, so
+    they are reproducible for a given count but differ between counts.
     """
     prompt = check_prompt(model, idx)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise TinygenError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     stop_ids, stop_texts = parse_stop(stop, tokenizer)
+    check_sampling_options(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, use_cache=use_cache, window_keep=window_keep,
+                   min_new_tokens=min_new_tokens, stop_ids=stop_ids, stop_texts=stop_texts, tokenizer=tokenizer)
+    with model.workers_for(prompt.shape[0], workers) as pool:
+        rows = shard_rows(prompt.shape[0], pool.n)
+        seeds = [seed] if len(rows) == 1 else spawn_rngs(make_rng(seed), len(rows))
+        shards = pool.map(lambda job: _decode_rows(model, prompt[job[0]], max_new_tokens, seed=job[1], **options),
+                          list(zip(rows, seeds)))
+    ids = np.concatenate([shard_ids for shard_ids, _ in shards], axis=0)  # (B, T + max_new_tokens)
+    lengths = np.concatenate([shard_lengths for _, shard_lengths in shards])  # (B,) each row's final length
+    ids = ids[:, :lengths.max()].copy()
+    for b in np.flatnonzero(lengths < ids.shape[1]):
+        ids[b, lengths[b]:] = pad_id
+    return ids[0] if np.ndim(idx) == 1 else ids
+
+
+def _decode_rows(model, prompt, max_new_tokens, *, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                 use_cache, window_keep, min_new_tokens, stop_ids, stop_texts, tokenizer):
+    """One stream of generate: prompt (B, T) -> (ids (B, T + max_new_tokens), each row's final length (B,))."""
     B, T = prompt.shape
     pick = hold_stops(make_picker(temperature, top_k, top_p, min_p, repetition_penalty, seed), stop_ids, T,
                       min_new_tokens, model.config.vocab_size)
@@ -359,10 +384,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 done[b], lengths[b] = True, n + 1
         if done.all():
             break
-    ids = ids[:, :lengths.max()].copy()
-    for b in np.flatnonzero(lengths < ids.shape[1]):
-        ids[b, lengths[b]:] = pad_id
-    return ids[0] if np.ndim(idx) == 1 else ids
+    return ids, lengths
 
 
 def stream(model, tokenizer, prompt_ids, max_new_tokens, stop=None, **options):

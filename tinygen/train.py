@@ -40,14 +40,15 @@ from .config import (NON_NEGATIVE, POSITIVE, PROBABILITY, GPTConfig, number, one
                      validate)
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
-from .loss import IGNORE
 from .optim import AdamW, lr_at
 from .plumbing.lock import run_lock
+from .plumbing.memory import reuse_freed_memory_by_default
 from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
-from .plumbing.parallel import Workers, default_workers, ranges
+from .plumbing.parallel import Workers, default_workers
 from .plumbing.plot import write_expert_load_svg, write_loss_svg
 from .plumbing.progress import Progress, format_rate
 from .plumbing.rundir import EXPERT_LOAD_SVG, LOSS_SVG, METRICS, TRAIN_STATE
+from .sharding import shard_rows, shard_weights, weighted_stats
 
 
 NON_NEGATIVE_NUMBER = number(0.0)  # a rate, a decay, a clipping norm: finite and >= 0
@@ -167,14 +168,15 @@ def train(model, batches: Callable, config: TrainConfig, run_dir, *, val_batches
     RunDirBusy if another process is writing run_dir (tinygen.plumbing.lock),
     WriteError (naming the checkpoint kept) if a file cannot be written.
 
-    Nothing outside the call changes for good: the worker threads' BLAS
-    setting and the Ctrl-C handler are restored when it returns, and malloc
-    is left as the caller set it (the `tinygen` command opts in to
-    tinygen.plumbing.memory.reuse_freed_memory, a library caller may too).
+    The worker threads' BLAS setting and the Ctrl-C handler are restored
+    when it returns; malloc's thresholds are raised once per process, as by
+    every tinygen computation (tinygen.plumbing.memory; TINYGEN_MALLOC=default
+    opts out).
     """
     run_dir = os.fspath(run_dir)
     # one writer per run directory (run_lock creates it; RunDirBusy names the other's pid; a
     # caller that holds the lock already passes through), and a failed write says what is kept
+    reuse_freed_memory_by_default()
     with run_lock(run_dir), report_kept(run_dir):
         save_weights = save_weights or (lambda directory: model.save_pretrained(directory))
         with Workers(config.workers or default_workers(config.batch_size)) as workers:
@@ -303,45 +305,33 @@ def accumulate_grads(model, opt, batch, *, workers, config, step, measured: Opti
         raise TinygenError(f"batches({step}) gave x {x.shape}, y {y.shape}; expected both "
                            f"({config.batch_size * config.grad_accum}, T) = batch_size * grad_accum rows")
     B, A = config.batch_size, config.grad_accum
-    shards = ranges(B, min(workers.n, B))  # (start, stop) rows of a micro-batch
+    shards = shard_rows(B, workers.n)  # rows of a micro-batch
     trainable = opt.names
 
     def run(shard):  # -> (weighted loss, grads of the weighted loss, weighted aux loss, weight, stats)
         index, rows, weight = shard
         rng = np.random.default_rng([config.seed, STREAM_DROPOUT, step, index])  # this shard's dropout masks
         stats = {}
-        loss, grads, aux = model.loss_and_grads(x[rows], y[rows], rng, scale=weight, return_aux=True, stats=stats)
+        loss, grads, aux = model.loss_and_grads(x[rows], y[rows], rng, scale=weight, return_aux=True, stats=stats,
+                                                workers=1)  # this thread is one of the shards already
         grads = {n: grads[n] for n in trainable}  # frozen ones' are dropped now
         return weight * float(loss), grads, weight * sum(aux.values()), weight, stats
 
     total, reports = 0.0, []
     for a in range(A):
-        counted = y[a * B:(a + 1) * B] != IGNORE  # (B, T)
-        n = int(counted.sum())
-        jobs = []  # (shard index in the step, rows of x and y, weight)
-        for i, (lo, hi) in enumerate(shards):
-            weight = int(counted[lo:hi].sum()) / n / A if n else 0.0
-            jobs.append((a * len(shards) + i, slice(a * B + lo, a * B + hi), weight))
+        micro = slice(a * B, (a + 1) * B)
+        weights = [w / A for w in shard_weights(y[micro], shards)]  # of the step's mean over A micro-batches
+        jobs = [(a * len(shards) + i, slice(a * B + rows.start, a * B + rows.stop), w)
+                for i, (rows, w) in enumerate(zip(shards, weights))]  # (shard index in the step, rows, weight)
         results = workers.map(run, jobs)
         total += sum(r[0] for r in results)
         opt.sum_grads([r[1] for r in results], accumulate=a > 0)
         reports += [r[2:] for r in results]
     if measured is not None and any(aux or stats for aux, _, stats in reports):
-        measured.update(_weighted_report(total, reports))
+        aux = sum(r[0] for r in reports)
+        measured.update({"lm_loss": total - aux, "aux_loss": aux},
+                        **weighted_stats([w for _, w, _ in reports], [s for _, _, s in reports]))
     return total
-
-
-def _weighted_report(total, reports) -> dict:
-    """The shards' auxiliary losses and measurements, as the step's weighted means.
-
-    reports: [(weighted aux loss, weight, {metric: {name: value or list}})] per shard."""
-    aux = sum(r[0] for r in reports)
-    out = {"lm_loss": total - aux, "aux_loss": aux}
-    weights = sum(w for _, w, _ in reports) or 1.0
-    for metric, by_name in reports[0][2].items():
-        out[metric] = {name: (sum(w * np.asarray(s[metric][name]) for _, w, s in reports) / weights).tolist()
-                       for name in by_name}
-    return out
 
 
 def _restore(*, model, opt, path):

@@ -7,9 +7,9 @@ and an exit code that says what kind of failure it was (tinygen.errors,
 docs/failures.md): 1 the training diverged, 2 bad input, 74 a write failed,
 75 the run directory is in use, 130 Ctrl-C, 70 anything else (a bug: the
 line names the exception and where it was raised; TINYGEN_TRACEBACK=1
-shows the whole traceback instead). `main` is the program: it treats the
-process as its own and raises malloc's thresholds for it
-(reuse_freed_memory), which the library leaves to its caller.
+shows the whole traceback instead). `main` raises malloc's thresholds at
+its start, as the library does at its first computation
+(reuse_freed_memory_by_default; TINYGEN_MALLOC=default opts out).
 """
 import argparse
 import os
@@ -19,7 +19,7 @@ import traceback
 from .. import __version__
 from ..errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED,
                       EXIT_WRITE_FAILED, RunDirBusy, TinygenError, WriteError)
-from ..plumbing.memory import reuse_freed_memory
+from ..plumbing.memory import reuse_freed_memory_by_default
 from ..train import TrainingDiverged
 from . import demo, exercises, explain, fill_mask, finetune, fixtures, gradcheck, pretrain, sample, tokenizer
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_memory()  # the command owns its process, so it opts in (the library never does): plumbing/memory.py
+    reuse_freed_memory_by_default()  # before any work, as the library would at its first computation
     fail = lambda message, code: _fail(args.command, message, code)  # noqa: E731
     try:
         return int(args.run(args) or 0)

@@ -11,26 +11,30 @@ forward+backward with the defaults, 70 ms with the thresholds raised; on M,
 `reuse_freed_memory()` raises the thresholds with mallopt(3) for this
 process. Peak memory is unchanged: freed blocks are reused, not added to.
 
-Who calls it: the `tinygen` command (tinygen.cli.main), which owns its
-process. The library never does, not even `tinygen.train.train`: the
-setting is process-wide and cannot be undone (glibc has no way to read the
-thresholds back, and setting one turns off malloc's own adjustment of it for
-good), so a library that applied it would change the allocator of whoever
-imported it, say a test process using tinygen as an oracle. A program that
-drives tinygen's training loop itself opts in with one call at its start:
+Who applies it: tinygen itself, once per process, the first time a model
+computes through the public API (GPT.forward, loss, loss_and_grads,
+generate) or the training loop runs: `reuse_freed_memory_by_default()`.
+It is process-wide and cannot be undone (glibc has no way to read the
+thresholds back, and setting one turns off malloc's own adjustment of it
+for good), so it is announced here and in docs/performance.md rather than
+scoped, and it changes speed and the process's resident memory after a
+peak, never a result. A program that wants malloc as it was opts out
+before its first tinygen call:
 
-    import tinygen
-    tinygen.reuse_freed_memory()    # this process only, for the rest of its life
+    TINYGEN_MALLOC=default python my_program.py     # or os.environ["TINYGEN_MALLOC"] = "default"
 
-Not calling it costs speed, never a result: docs/performance.md has the
-measurement (benchmarks/bench_train.py --malloc both).
+and can still apply it itself later with `tinygen.reuse_freed_memory()`.
+docs/performance.md has the measurement (benchmarks/bench_train.py --malloc both).
 """
 import ctypes
 import ctypes.util
+import functools
+import os
 
 M_TRIM_THRESHOLD = -1  # free memory at the top of the heap kept before trimming
 M_TOP_PAD = -2  # extra memory requested with each heap extension
 M_MMAP_THRESHOLD = -3  # blocks at least this large get their own mmap()
+OPT_OUT = ("TINYGEN_MALLOC", "default")  # this environment variable and value keep malloc as it is
 
 
 def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
@@ -45,3 +49,13 @@ def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
         mallopt(option, value) == 1
         for option, value in ((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, threshold), (M_TOP_PAD, 64 << 20))
     )
+
+
+@functools.lru_cache(maxsize=None)  # once per process: the setting is the process's, not a call's
+def reuse_freed_memory_by_default() -> bool:
+    """reuse_freed_memory() the first time tinygen computes, unless TINYGEN_MALLOC=default.
+    True if applied (by this first call)."""
+    variable, value = OPT_OUT
+    if os.environ.get(variable, "").strip().lower() == value:
+        return False
+    return reuse_freed_memory()

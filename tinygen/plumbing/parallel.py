@@ -19,9 +19,10 @@ that everything else (GELU, softmax, layer norm, AdamW) now uses both cores.
 and restores the previous count afterwards. The count is process-wide
 (OpenBLAS 0.3.31's `openblas_set_num_threads_local` changed it for the
 calling thread and every other one alike, measured), so BLAS calls from
-other threads during a `map` run on one thread too, and two `Workers`
-mapping at once from different threads are not supported (the second
-could restore the count the first one set). OpenBLAS is found among the
+other threads during a `map` run on one thread too. Maps may overlap (two
+threads of the caller each calling GPT.forward): `one_blas_thread` counts
+the scopes open at once, the first saves the caller's count and the last
+restores it. OpenBLAS is found among the
 libraries NumPy has already loaded (never loaded anew); where there is none
 (NumPy built on Accelerate or MKL), `default_workers()` is 1 and one stream
 with the BLAS's own threading is used, as before.
@@ -30,6 +31,7 @@ import contextlib
 import ctypes
 import glob
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Optional
 
@@ -90,20 +92,39 @@ def openblas_threads_api() -> Optional[tuple]:
     return None
 
 
-@contextlib.contextmanager
-def blas_threads(n: int, api: Optional[tuple] = None):
-    """Within the block, OpenBLAS uses `n` threads; the previous count is restored after.
-    Without OpenBLAS (api None) nothing changes."""
-    if api is None:
-        yield
-        return
-    set_threads, get_threads = api
-    previous = get_threads()
-    set_threads(n)
-    try:
-        yield
-    finally:
-        set_threads(previous)
+class OneBlasThread:
+    """OpenBLAS at one thread while any of its (possibly overlapping) scopes is open.
+
+    The count is the process's, so overlapping scopes share one save and restore:
+    the first to open saves the caller's count, the last to close puts it back.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = 0  # scopes open now
+        self._saved = None  # the caller's count, while any scope is open
+
+    @contextlib.contextmanager
+    def scope(self, api: Optional[tuple]):
+        if api is None:
+            yield
+            return
+        set_threads, get_threads = api
+        with self._lock:
+            if self._open == 0:
+                self._saved = get_threads()
+                set_threads(1)
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+                if self._open == 0:
+                    set_threads(self._saved)
+
+
+one_blas_thread = OneBlasThread()  # one per process, as OpenBLAS's thread count is
 
 
 def available_cores() -> int:
@@ -155,7 +176,7 @@ class Workers:
             with np.errstate(**errors):
                 return fn(item)
 
-        with blas_threads(1, self._blas):
+        with one_blas_thread.scope(self._blas):
             futures = [self._pool.submit(call, item) for item in items]
             wait(futures)
         return [f.result() for f in futures]
