@@ -17,6 +17,11 @@ PyTorch eager, torch.set_num_threads(2), the same weights (compare_torch's
 nanoGPT model): `model.zero_grad(set_to_none=True); loss = model(x, y);
 loss.backward()`, and `with torch.no_grad(): model(x, y)` for evaluation.
 
+Batched decoding, tinygen only: `model.generate(prompts, 64, temperature=0)`
+for `--generate-batch` rows (16-token prompts, KV cache), with the default
+(rows sharded over the cores) against `workers=1` (one stream, BLAS with its
+own threads), each in its own process, interleaved.
+
 Processes run interleaved (tinygen, torch, tinygen, torch, ...); ratios are
 medians of the per-round pairs, with their range. The losses must agree to
 1e-5 (float32), else MISMATCH and exit status 1. Prints a table, then one
@@ -92,6 +97,24 @@ def torch_child(config: str, steps: int, warmup: int, seed: int = 0, threads: in
             "eval_loss": eval_loss, "samples_ms": samples, "peak_rss_mib": rss, "torch": torch.__version__}
 
 
+def generate_child(config: str, batch: int, new_tokens: int, workers, seed: int = 0) -> dict:
+    """tokens/s of greedy batched decoding through the public API (workers None: the default)."""
+    import numpy as np
+
+    from tinygen import GPT
+
+    cfg = common.config_by_name(config)
+    model = GPT(common.gpt_config(cfg), seed=seed)
+    prompts = np.random.default_rng(seed).integers(0, cfg["vocab_size"], (batch, 16))
+    model.generate(prompts, 4, temperature=0, workers=workers)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompts, new_tokens, temperature=0, workers=workers)
+    dt = time.perf_counter() - t0
+    with model.workers_for(batch, workers) as pool:
+        n = pool.n
+    return {"config": config, "workers": n, "tokens_per_s": batch * new_tokens / dt, "ids": out.tolist()}
+
+
 def paired(ours, theirs, key):
     """Speed ratio (their ms / our ms) per round: median, min, max."""
     rs = [b[key] / a[key] for a, b in zip(ours, theirs)]
@@ -109,6 +132,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default S 3, M 2, L 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (tinygen takes its default)")
+    p.add_argument("--generate-batch", type=int, default=8, help="rows of the batched-decoding comparison (0: skip)")
     a = p.parse_args(argv)
     try:
         import torch  # noqa: F401
@@ -130,6 +154,12 @@ def main(argv=None):
                 else:
                     job = ("compare_api:torch_child", dict(config=n, steps=steps, warmup=warmup, threads=a.threads))
                 runs[n, side].append(common.run_in_subprocess(*job))
+            for workers in ([None, 1] if a.generate_batch else []):
+                common.progress(f"round {rnd + 1}/{a.rounds}: {n} generate, batch {a.generate_batch}, "
+                                f"workers {workers or 'default'} ...")
+                runs.setdefault((n, f"generate-{workers}"), []).append(common.run_in_subprocess(
+                    "compare_api:generate_child", dict(config=n, batch=a.generate_batch, new_tokens=64,
+                                                       workers=workers)))
     rows, ratios, ok = [], [], True
     for n in names:
         tg, pt = runs[n, "tinygen"], runs[n, "torch"]
@@ -153,9 +183,28 @@ def main(argv=None):
                      f"{r['tinygen_eval_ms']:.1f} / {r['torch_eval_ms']:.1f}",
                      f"{evaluate[0]:.2f} ({evaluate[1]:.2f}-{evaluate[2]:.2f})", f"{rss:.2f}",
                      f"{dloss:.1e} {'ok' if same else 'MISMATCH'}"])
+    gen_rows = []
+    for n in (names if a.generate_batch else []):
+        sharded, one = runs[n, "generate-None"], runs[n, "generate-1"]
+        speed = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(sharded, one)]
+        same = all(x["ids"] == y["ids"] for x, y in zip(sharded, one))
+        r = next(r for r in ratios if r["config"] == n)
+        r.update({"generate_batch": a.generate_batch, "generate_workers": sharded[0]["workers"],
+                  "generate_tokens_per_s": common.median([x["tokens_per_s"] for x in sharded]),
+                  "generate_one_stream_tokens_per_s": common.median([y["tokens_per_s"] for y in one]),
+                  "generate_sharded_speed_ratio": common.median(speed), "generate_range": [min(speed), max(speed)],
+                  "generate_same_ids": same})
+        gen_rows.append([n, a.generate_batch, sharded[0]["workers"], f"{r['generate_tokens_per_s']:,.0f}",
+                         f"{r['generate_one_stream_tokens_per_s']:,.0f}",
+                         f"{common.median(speed):.2f} ({min(speed):.2f}-{max(speed):.2f})",
+                         "all" if same else "DIFFER"])
     table = common.format_table(
         ["config", "loss_and_grads ms tinygen / torch", "speed tinygen / torch", "tinygen tokens/s",
          "loss ms tinygen / torch", "speed tinygen / torch", "peak RSS tinygen / torch", "|d loss|"], rows)
+    if gen_rows:
+        table += "\n\n" + common.format_table(
+            ["config", "generate batch", "default workers", "tokens/s default", "tokens/s workers=1",
+             "speed default / one stream", "same greedy ids"], gen_rows)
     title = (f"tinygen's public API with default arguments vs PyTorch {runs[names[0], 'torch'][0]['torch']} eager "
              f"({a.threads} threads), {a.rounds} interleaved rounds; speed = torch ms / tinygen ms, median of "
              f"per-round pairs (range); 1-min load average before the run: {machine['loadavg_1min']:.2f}")

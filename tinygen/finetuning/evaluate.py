@@ -23,7 +23,6 @@ Shapes: B batch, T time, V vocabulary.
 import numpy as np
 
 from ..loss import token_losses
-from ..model import gpt_forward
 from .metrics import LOSS, TASK_METRICS, bootstrap, example_stats, exact_match
 from .tasks import Example, by_task, encode_examples, make_batch
 
@@ -41,7 +40,7 @@ def example_losses(model, encoded, batch_size=32) -> np.ndarray:
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
         x, y = make_batch([encoded[i] for i in chunk], pad_id=0)
-        logits, _ = gpt_forward(model.params, x, model.config, model.parts)  # (B, T, V)
+        logits = model.forward(x)  # (B, T, V), rows sharded over the cores (tinygen.sharding)
         out[chunk, 0] = token_losses(logits, y).sum(axis=1)
         out[chunk, 1] = (y >= 0).sum(axis=1)
     return out
@@ -78,7 +77,7 @@ def _greedy_batch(model, prompts, max_new_tokens, stop_ids):
     done = np.zeros(B, dtype=bool)
     new = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        logits, _ = gpt_forward(model.params, ids[:, :lengths.max()], model.config, model.parts)  # (B,T,V)
+        logits = model.forward(ids[:, :lengths.max()])  # (B,T,V), rows sharded over the cores
         tok = logits[np.arange(B), lengths - 1].argmax(axis=-1)  # (B,) each row's next token
         for b in np.flatnonzero(~done):
             if int(tok[b]) in stop_ids:
