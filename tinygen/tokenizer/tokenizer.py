@@ -28,7 +28,7 @@ from itertools import chain
 import numpy as np
 import regex
 
-from .bpe import encode_piece, recover_merges, train_merges
+from .bpe import LONG_PIECE, encode_piece, encode_pieces, recover_merges, train_merges
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_text, parse_json
 from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
@@ -68,6 +68,9 @@ class Tokenizer(TiktokenMethods):
         if max(self._id_bytes) > MAX_TOKEN_ID:
             raise TinygenError(f"token id {max(self._id_bytes)} is too large: encoding stores ids as characters, "
                                f"so ordinary tokens need ids up to {MAX_TOKEN_ID} (special tokens may be larger)")
+        self._token_bytes = [None] * (max(self._id_bytes) + 1)  # id -> bytes, a list for encode_pieces
+        for b, i in self._ranks.items():
+            self._token_bytes[i] = b
         self.special_tokens = dict(special_tokens or {})
         for name, i in self.special_tokens.items():
             if not isinstance(name, str) or not name or not _is_int(i) or i < 0 or i in self._id_bytes:
@@ -173,8 +176,23 @@ class Tokenizer(TiktokenMethods):
             return self._encode_text(_fix_surrogates(text))
 
     def _encode_text(self, text):
-        # blocks of ~64 KB: their chunks stay in the CPU cache; each block's ids come back as a str
-        return _ids_of_chars("".join([self._encode_chunks(chunks) for chunks in self._blocks(text)]))
+        """The ids of `text`, through the cache {chunk: its ids as a str of chr(id)}.
+
+        "hello world" -> chunks ["hello", " world"] -> "\\u7a8d" + "\\u03e3" (GPT-2 ids 31373, 995 as characters).
+        Storing ids as characters makes gathering them one C-level "".join per
+        block, with no Python loop and no tuple per chunk; `_ids_of_chars` turns
+        the str into ints at the end, all at once. The chunks not yet cached are
+        found with one set difference and encoded together (`_add_to_cache`).
+        """
+        blocks = self._blocks(text)
+        cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
+        missing = set().union(*blocks).difference(cache)
+        if missing:
+            self._add_to_cache(missing, cache)
+        ids = _ids_of_chars("".join(["".join(map(cache.__getitem__, chunks)) for chunks in blocks]))
+        if len(cache) > self.cache_size:
+            self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
+        return ids
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
         """Ids of `text`, tiktoken's special-token rules.
@@ -234,26 +252,25 @@ class Tokenizer(TiktokenMethods):
                 raise TokenNotFound(f"{text_or_bytes!r} is not a single token of this vocabulary")
         return i
 
-    def _encode_chunks(self, chunks):
-        """The ids of `chunks` as a str of chr(id), through the cache {chunk: str of chr(id)}.
+    def _add_to_cache(self, chunks, cache):
+        """cache[chunk] = its ids as a str of chr(id), for each of `chunks`.
 
-        "hello world" -> chunks ["hello", " world"] -> "\\u7a8d" + "\\u03e3" (GPT-2 ids 31373, 995 as characters).
-        Storing ids as characters makes gathering them one C-level "".join, with no
-        Python loop per chunk and no tuple per chunk; `_ids_of_chars` turns the
-        str into ints at the end, all at once.
+        A chunk that is itself a token is one lookup; the others go through BPE,
+        all together (`encode_pieces`), the few longer than LONG_PIECE bytes one by one.
         """
-        cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
-        missing = set(chunks).difference(cache)
-        if missing:
-            ranks = self._ranks
-            for chunk in missing:
-                piece = chunk.encode("utf-8")
-                i = ranks.get(piece)
-                cache[chunk] = chr(i) if i is not None else "".join(map(chr, encode_piece(piece, ranks)))
-        ids = "".join(map(cache.__getitem__, chunks))
-        if len(cache) > self.cache_size:
-            self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
-        return ids
+        ranks, pieces, rest = self._ranks, [], []
+        for chunk in chunks:
+            piece = chunk.encode("utf-8")
+            i = ranks.get(piece)
+            if i is not None:
+                cache[chunk] = chr(i)
+            elif len(piece) > LONG_PIECE:
+                cache[chunk] = "".join(map(chr, encode_piece(piece, ranks)))
+            else:
+                pieces.append(piece)
+                rest.append(chunk)
+        for chunk, ids in zip(rest, encode_pieces(pieces, ranks, self._token_bytes)):
+            cache[chunk] = "".join(map(chr, ids))
 
     # ---- decoding ----------------------------------------------------------------
     def decode_bytes(self, tokens):
