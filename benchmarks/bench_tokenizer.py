@@ -432,7 +432,8 @@ def cold_report(runs, args):
             ratio = speed_ratio(have["tinygen"], have["base"])
             same = {r["ids"] for r in have["tinygen"] + have["base"]}
             rows.append(("  tinygen vs --base" + ("" if len(same) == 1 else ", IDS DIFFER"), tag,
-                         f"{speed['tinygen']:.2f} MB/s", f"base {speed['base']:.2f} MB/s", f"speed {fmt(ratio)} base's"))
+                         f"{speed['tinygen']:.2f} MB/s", f"base {speed['base']:.2f} MB/s",
+                         f"speed {fmt(ratio)} base's"))
             out[f"cold_{corpus}_tinygen_vs_base"] = [round(x, 3) for x in ratio]
             if "tiktoken" in have:
                 ratio = speed_ratio(have["base"], have["tiktoken"])

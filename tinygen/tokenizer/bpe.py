@@ -3,9 +3,10 @@
 Training (`train_merges`) starts from the 256 byte tokens and repeatedly merges
 the most frequent adjacent pair into a new token. Encoding (`encode_piece`)
 replays the merges on one pre-token chunk, lowest rank first, exactly as
-tiktoken does. The `Tokenizer` class in `tinygen.tokenizer` wraps both with a
-split pattern, special tokens and file formats; this module knows only bytes
-and integer ids.
+tiktoken does; `encode_pieces` does the same for many chunks at once, one
+NumPy round per merge step of all of them (a fresh tokenizer meets thousands).
+The `Tokenizer` class in `tinygen.tokenizer` wraps them with a split pattern,
+special tokens and file formats; this module knows only bytes and integer ids.
 
 Training is incremental, not a recount:
 - each distinct chunk is stored once with its frequency (a "word"), as a str

@@ -48,7 +48,8 @@ class Tokenizer(TiktokenMethods):
 
     Build one with `train`, `load`, `load_dir`, `from_tiktoken` or `from_gpt2`;
     add special tokens to any of them with `with_special_tokens`.
-    Encoding caches the ids of each distinct chunk (dropped past `cache_size`).
+    Encoding caches the ids of each distinct chunk (emptied after a call that
+    leaves more than `cache_size`).
     A Tokenizer pickles as its vocabulary (not its caches), so it can be sent
     to a process pool.
     """
