@@ -1,7 +1,7 @@
 """Tokenizer speed: BPE training to 4096 and encode/decode MB/s, side by side with tiktoken and HF tokenizers.
 
     python benchmarks/bench_tokenizer.py [--rounds 3] [--sizes 1 10] [--naive-merges 4]
-    python benchmarks/bench_tokenizer.py --only encode [--rounds 5] [--repeat 3]   # ~1 minute
+    python benchmarks/bench_tokenizer.py --only encode [--rounds 5] [--repeat 3] [--base DIR]   # ~1 minute
 
 `--only encode` measures just the cold encode, per corpus ("english": the
 `pydoc_data` topics, then license texts: the standard library's LICENSE.txt,
@@ -11,8 +11,11 @@ a fresh GPT-2 tinygen Tokenizer, tiktoken's gpt2 `encode_ordinary`, and the
 split alone (`regex.findall` with GPT-2's pattern), each in its own process,
 interleaved per round; each process keeps the best of `--repeat` encodes, each
 with a fresh tokenizer (an empty chunk cache). Ratios are speeds (MB/s over
-MB/s), paired per round: tinygen/tiktoken, split/tiktoken, tinygen/split. The
-full run (no `--only`) includes these rows too.
+MB/s), paired per round: tinygen/tiktoken, split/tiktoken, tinygen/split.
+`--base DIR` also times DIR's tinygen (another checkout, e.g. `git worktree
+add DIR <commit>` or `git archive <commit> tinygen | tar -x -C DIR`) in the
+same rounds, for before/after ratios. The full run (no `--only`) includes
+these rows too.
 
 Corpus (built in, deterministic, on every machine): the CPython standard
 library's .py sources in sorted path order (test directories and site-packages

@@ -384,8 +384,10 @@ def test_cold_and_warm_encoding_agree_with_per_chunk_bpe(tok):
 def test_token_ids_must_fit_a_character():
     with pytest.raises(TinygenError, match="too large"):
         Tokenizer({**{bytes([b]): b for b in range(256)}, b"ab": 0x110000}, "gpt2")
-    big = Tokenizer({**{bytes([b]): b for b in range(256)}, b"ab": 0x10FFFF}, "gpt2")
-    assert big.encode("abab") == [0x10FFFF, 0x10FFFF] and big.decode([0x10FFFF]) == "ab"
+    big = Tokenizer({**{bytes([b]): b for b in range(256)}, b"ab": 0x10FFFF, b"cd": 0xD800}, "gpt2")
+    assert big.encode("abab cd") == [0x10FFFF, 0x10FFFF, 32, 0xD800] and big.decode([0x10FFFF]) == "ab"
+    # ids in the surrogate range (cl100k has 2,048 of them) are characters like any other
+    assert big.encode(" ".join(["cd"] * 200 + [f"cd{k}" for k in range(200)]))[:3] == [0xD800, 32, 0xD800]
 
 
 def test_pathological_input_is_linear(tok):
