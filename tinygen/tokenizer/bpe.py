@@ -195,10 +195,10 @@ def encode_pieces(pieces, ranks, token_bytes, finish_below=64):
     >>> encode_pieces([b"aaab", b"xaab", b"aaa"], ranks, token_bytes, finish_below=1)
     [[258], [120, 256, 98], [256, 97]]
     """
-    if any(len(p) > LONG_PIECE or not p for p in pieces):
-        raise ValueError(f"encode_pieces takes non-empty pieces of at most {LONG_PIECE} bytes")
     if len(pieces) < finish_below:  # too few for NumPy to pay off
         return [encode_piece(p, ranks) for p in pieces]
+    if any(len(p) > LONG_PIECE or not p for p in pieces):
+        raise ValueError(f"encode_pieces takes non-empty pieces of at most {LONG_PIECE} bytes")
     out = [None] * len(pieces)
     lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     which = np.arange(len(pieces))

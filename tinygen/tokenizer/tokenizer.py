@@ -270,8 +270,9 @@ class Tokenizer(TiktokenMethods):
             else:
                 pieces.append(piece)
                 rest.append(chunk)
-        for chunk, ids in zip(rest, encode_pieces(pieces, ranks, self._token_bytes)):
-            cache[chunk] = "".join(map(chr, ids))
+        if pieces:
+            for chunk, ids in zip(rest, encode_pieces(pieces, ranks, self._token_bytes)):
+                cache[chunk] = "".join(map(chr, ids))
 
     # ---- decoding ----------------------------------------------------------------
     def decode_bytes(self, tokens):
@@ -495,6 +496,8 @@ def _ids_of_chars(chars):
     that buffer read as uint32 ("surrogatepass": ids 0xD800..0xDFFF are code
     points like any other here).
     """
+    if len(chars) < 64:  # short: NumPy's call overhead is more than the loop
+        return list(map(ord, chars))
     return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype="<u4").tolist()
 
 
