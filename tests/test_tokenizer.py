@@ -369,7 +369,7 @@ def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
     got = encode_pieces(pieces, tok._ranks, token_bytes_of(tok._ranks), finish_below=1)
     assert got == [_simple_bpe(p, tok._ranks) for p in pieces] and len(pieces) > 64
     with pytest.raises(ValueError, match="at most"):
-        encode_pieces([b"x" * (LONG_PIECE + 1)], tok._ranks, token_bytes_of(tok._ranks))
+        encode_pieces([b"x" * (LONG_PIECE + 1)], tok._ranks, token_bytes_of(tok._ranks), finish_below=1)
 
 
 def test_cold_and_warm_encoding_agree_with_per_chunk_bpe(tok):
