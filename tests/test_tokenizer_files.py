@@ -177,6 +177,8 @@ def compare_with_tiktoken(ours, theirs):
     texts = varied_texts()
     for text in texts:
         assert ours.encode_ordinary(text) == theirs.encode_ordinary(text), text[:80]
+    fresh, joined = type(ours)(ours.mergeable_ranks, ours.pattern, ours.special_tokens), "".join(texts)
+    assert fresh.encode_ordinary(joined) == theirs.encode_ordinary(joined)  # cold: all new chunks at once
     special = "a" + ENDOFTEXT + "b " + ENDOFTEXT
     assert ours.encode(special, allowed_special="all") == theirs.encode(special, allowed_special="all")
     assert ours.encode(special, disallowed_special=()) == theirs.encode(special, disallowed_special=())

@@ -3,9 +3,10 @@
 Training (`train_merges`) starts from the 256 byte tokens and repeatedly merges
 the most frequent adjacent pair into a new token. Encoding (`encode_piece`)
 replays the merges on one pre-token chunk, lowest rank first, exactly as
-tiktoken does. The `Tokenizer` class in `tinygen.tokenizer` wraps both with a
-split pattern, special tokens and file formats; this module knows only bytes
-and integer ids.
+tiktoken does; `encode_pieces` does the same for many chunks at once, one
+NumPy round per merge step of all of them (a fresh tokenizer meets thousands).
+The `Tokenizer` class in `tinygen.tokenizer` wraps them with a split pattern,
+special tokens and file formats; this module knows only bytes and integer ids.
 
 Training is incremental, not a recount:
 - each distinct chunk is stored once with its frequency (a "word"), as a str
@@ -32,6 +33,8 @@ import heapq
 import warnings
 from itertools import islice, repeat
 from operator import add
+
+import numpy as np
 
 LONG_PIECE = 256  # pieces longer than this are merged with a heap: O(n log n), not O(n^2)
 _BYTES = [bytes([b]) for b in range(256)]
@@ -151,8 +154,12 @@ def encode_piece(piece, ranks):
     """
     if len(piece) > LONG_PIECE:
         return _encode_long(piece, ranks)
+    return _merge_parts(list(map(_BYTES.__getitem__, piece)), ranks)
+
+
+def _merge_parts(parts, ranks):
+    """`encode_piece`'s merge loop, from any list of token bytes: [b"a", b"ab"] -> ids."""
     get = ranks.get
-    parts = list(map(_BYTES.__getitem__, piece))
     pair_ranks = list(map(get, map(add, parts, islice(parts, 1, None)), repeat(_NONE)))
     while pair_ranks:
         best = min(pair_ranks)
@@ -166,6 +173,92 @@ def encode_piece(piece, ranks):
         if i < len(pair_ranks):
             pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
     return list(map(ranks.__getitem__, parts))
+
+
+def encode_pieces(pieces, ranks, token_bytes, finish_below=64):
+    """[encode_piece(p, ranks) for p in pieces], with the merges of all pieces done together.
+
+    `token_bytes[i]` is the bytes of token i (a list; None for unused ids).
+    Each piece goes through exactly `encode_piece`'s merges, in its order; a
+    round makes the next merge of every unfinished piece at once, with NumPy
+    arrays over all their parts, so Python's cost is per round and per rank
+    lookup instead of per merge. Once fewer than `finish_below` pieces are left
+    (the long ones), they finish with `encode_piece`'s loop from where they are.
+
+    State, over the parts of the unfinished pieces laid end to end:
+      ids (N,)   the token id of each part
+      pr  (N,)   the rank of (this part + the next part of the same piece), _NONE if not a token or last
+      lens (S,)  parts per unfinished piece; which (S,) its index in `pieces`
+
+    >>> ranks = {bytes([b]): b for b in range(256)} | {b"aa": 256, b"ab": 257, b"aaab": 258}
+    >>> token_bytes = [bytes([b]) for b in range(256)] + [b"aa", b"ab", b"aaab"]
+    >>> encode_pieces([b"aaab", b"xaab", b"aaa"], ranks, token_bytes, finish_below=1)
+    [[258], [120, 256, 98], [256, 97]]
+    """
+    if len(pieces) < finish_below:  # too few for NumPy to pay off
+        return [encode_piece(p, ranks) for p in pieces]
+    if any(len(p) > LONG_PIECE or not p for p in pieces):
+        raise ValueError(f"encode_pieces takes non-empty pieces of at most {LONG_PIECE} bytes")
+    out = [None] * len(pieces)
+    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    which = np.arange(len(pieces))
+    byte_ids = np.array([ranks[b] for b in _BYTES], dtype=np.int64)
+    ids = byte_ids[np.frombuffer(b"".join(pieces), dtype=np.uint8)]  # (N,)
+    pr = np.full(len(ids), _NONE, dtype=np.int64)  # (N,)
+    inner = np.ones(len(ids), dtype=bool)
+    inner[np.cumsum(lens) - 1] = False  # a piece's last part has no pair
+    at = np.flatnonzero(inner)
+    pr[at] = _pair_ranks(ids[at], ids[at + 1], ranks, token_bytes)
+    while len(lens):
+        starts = np.cumsum(lens) - lens  # (S,)
+        best = np.minimum.reduceat(pr, starts)  # (S,) the lowest pair rank of each piece
+        done = best == _NONE
+        if done.any():  # no pair left to merge: record these pieces, drop their parts
+            _collect(out, which[done], ids[np.repeat(done, lens)], lens[done])
+            keep = np.repeat(~done, lens)
+            ids, pr, lens, which, best = ids[keep], pr[keep], lens[~done], which[~done], best[~done]
+            starts = np.cumsum(lens) - lens
+        if len(lens) < finish_below:
+            for k, i in enumerate(which.tolist()):
+                parts = [token_bytes[t] for t in ids[starts[k] : starts[k] + lens[k]].tolist()]
+                out[i] = _merge_parts(parts, ranks)
+            break
+        piece_of = np.repeat(np.arange(len(lens)), lens)  # (N,)
+        hits = np.flatnonzero(pr == best[piece_of])  # every part whose pair has its piece's lowest rank
+        first = np.ones(len(hits), dtype=bool)
+        first[1:] = piece_of[hits[1:]] != piece_of[hits[:-1]]
+        at = hits[first]  # (S,) the leftmost lowest pair of each piece, ascending
+        ids[at] = pr[at]  # a token's id is its rank: the merged part
+        keep = np.ones(len(ids), dtype=bool)
+        keep[at + 1] = False
+        ids, pr = ids[keep], pr[keep]
+        at -= np.arange(len(at))  # where the merged parts are now, after the deletions before them
+        lens -= 1
+        starts = np.cumsum(lens) - lens
+        pr[at] = _NONE  # if the merged part is now its piece's last
+        redo = np.concatenate([at[at != starts] - 1, at[at != starts + lens - 1]])  # the two new pairs
+        pr[redo] = _pair_ranks(ids[redo], ids[redo + 1], ranks, token_bytes)
+    return out
+
+
+def _pair_ranks(left, right, ranks, token_bytes):
+    """The rank of each concatenation token_bytes[left[k]] + token_bytes[right[k]], _NONE if not a token.
+
+    Each distinct pair is looked up once: pieces share many pairs (" t" + "he").
+    """
+    pairs, inverse = np.unique(left * len(token_bytes) + right, return_inverse=True)
+    left, right = np.divmod(pairs, len(token_bytes))
+    get, part = ranks.get, token_bytes.__getitem__
+    concat = map(add, map(part, left.tolist()), map(part, right.tolist()))
+    return np.fromiter(map(get, concat, repeat(_NONE)), dtype=np.int64, count=len(pairs))[inverse]
+
+
+def _collect(out, which, ids, lens):
+    """out[which[k]] = the k-th piece's ids, cut from `ids` (its pieces' parts end to end) by `lens`."""
+    ids, k = ids.tolist(), 0
+    for i, n in zip(which.tolist(), lens.tolist()):
+        out[i] = ids[k : k + n]
+        k += n
 
 
 def _encode_long(piece, ranks):

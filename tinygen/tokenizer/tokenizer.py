@@ -28,7 +28,7 @@ from itertools import chain
 import numpy as np
 import regex
 
-from .bpe import encode_piece, recover_merges, train_merges
+from .bpe import LONG_PIECE, encode_piece, encode_pieces, recover_merges, train_merges
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_text, parse_json
 from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
@@ -40,6 +40,7 @@ CL100K_SPECIAL_TOKENS = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_mid
                          "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 FORMAT, VERSION = "tinygen-tokenizer", 1
 MAX_PATTERN_CHARS = 10_000  # a split pattern read from a file; GPT-4's has 131
+MAX_TOKEN_ID = 0x10FFFF  # the largest code point: the encoder keeps ids as characters (GPT-2 50256, o200k ~200k)
 
 
 class Tokenizer(TiktokenMethods):
@@ -47,7 +48,8 @@ class Tokenizer(TiktokenMethods):
 
     Build one with `train`, `load`, `load_dir`, `from_tiktoken` or `from_gpt2`;
     add special tokens to any of them with `with_special_tokens`.
-    Encoding caches the ids of each distinct chunk (dropped past `cache_size`).
+    Encoding caches the ids of each distinct chunk (emptied after a call that
+    leaves more than `cache_size`).
     A Tokenizer pickles as its vocabulary (not its caches), so it can be sent
     to a process pool.
     """
@@ -64,6 +66,12 @@ class Tokenizer(TiktokenMethods):
         self._id_bytes = {i: b for b, i in self._ranks.items()}
         if len(self._id_bytes) != len(self._ranks) or min(self._id_bytes) < 0:
             raise TinygenError("token ids must be distinct non-negative integers")
+        if max(self._id_bytes) > MAX_TOKEN_ID:
+            raise TinygenError(f"token id {max(self._id_bytes)} is too large: encoding stores ids as characters, "
+                               f"so ordinary tokens need ids up to {MAX_TOKEN_ID} (special tokens may be larger)")
+        self._token_bytes = [None] * (max(self._id_bytes) + 1)  # id -> bytes, a list for encode_pieces
+        for b, i in self._ranks.items():
+            self._token_bytes[i] = b
         self.special_tokens = dict(special_tokens or {})
         for name, i in self.special_tokens.items():
             if not isinstance(name, str) or not name or not _is_int(i) or i < 0 or i in self._id_bytes:
@@ -169,9 +177,22 @@ class Tokenizer(TiktokenMethods):
             return self._encode_text(_fix_surrogates(text))
 
     def _encode_text(self, text):
-        ids = []
-        for chunks in self._blocks(text):  # blocks of ~64 KB: their chunks stay in the CPU cache
-            ids += self._encode_chunks(chunks)
+        """The ids of `text`, through the cache {chunk: its ids as a str of chr(id)}.
+
+        "hello world" -> chunks ["hello", " world"] -> "\\u7a8d" + "\\u03e3" (GPT-2 ids 31373, 995 as characters).
+        Storing ids as characters makes gathering them one C-level "".join per
+        block, with no Python loop and no tuple per chunk; `_ids_of_chars` turns
+        the str into ints at the end, all at once. The chunks not yet cached are
+        found with one set difference and encoded together (`_add_to_cache`).
+        """
+        blocks = self._blocks(text)
+        cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
+        missing = set().union(*blocks).difference(cache)
+        if missing:
+            self._add_to_cache(missing, cache)
+        ids = _ids_of_chars("".join(["".join(map(cache.__getitem__, chunks)) for chunks in blocks]))
+        if len(cache) > self.cache_size:
+            self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
         return ids
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
@@ -232,19 +253,26 @@ class Tokenizer(TiktokenMethods):
                 raise TokenNotFound(f"{text_or_bytes!r} is not a single token of this vocabulary")
         return i
 
-    def _encode_chunks(self, chunks):
-        cache = self._cache  # this call's dict, even if another thread replaces self._cache meanwhile
-        missing = set(chunks).difference(cache)
-        if missing:
-            ranks = self._ranks
-            for chunk in missing:
-                piece = chunk.encode("utf-8")
-                i = ranks.get(piece)
-                cache[chunk] = (i,) if i is not None else encode_piece(piece, ranks)
-        ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        if len(cache) > self.cache_size:
-            self._cache = {}  # a new dict, not cache.clear(): another thread may still be reading this one
-        return ids
+    def _add_to_cache(self, chunks, cache):
+        """cache[chunk] = its ids as a str of chr(id), for each of `chunks`.
+
+        A chunk that is itself a token is one lookup; the others go through BPE,
+        all together (`encode_pieces`), the few longer than LONG_PIECE bytes one by one.
+        """
+        ranks, pieces, rest = self._ranks, [], []
+        for chunk in chunks:
+            piece = chunk.encode("utf-8")
+            i = ranks.get(piece)
+            if i is not None:
+                cache[chunk] = chr(i)
+            elif len(piece) > LONG_PIECE:
+                cache[chunk] = "".join(map(chr, encode_piece(piece, ranks)))
+            else:
+                pieces.append(piece)
+                rest.append(chunk)
+        if pieces:
+            for chunk, ids in zip(rest, encode_pieces(pieces, ranks, self._token_bytes)):
+                cache[chunk] = "".join(map(chr, ids))
 
     # ---- decoding ----------------------------------------------------------------
     def decode_bytes(self, tokens):
@@ -459,6 +487,18 @@ def _check_dense(tok):
 def _special_regex(specials):
     """One regex matching any of `specials`, longest first, captured (for `split`)."""
     return regex.compile("(" + "|".join(map(regex.escape, sorted(specials, key=lambda s: (-len(s), s)))) + ")")
+
+
+def _ids_of_chars(chars):
+    """The ids of a str of chr(id), as a list of int: "\\x68\\u7a8d" -> [104, 31373].
+
+    UTF-32 stores each character as its code point in 4 bytes, so the ids are
+    that buffer read as uint32 ("surrogatepass": ids 0xD800..0xDFFF are code
+    points like any other here).
+    """
+    if len(chars) < 64:  # short: NumPy's call overhead is more than the loop
+        return list(map(ord, chars))
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype="<u4").tolist()
 
 
 def _gather(flat, starts, lens):
