@@ -123,46 +123,99 @@ def layernorm_backward(dout, cache):
     return dx, dw, db
 
 
+# ------------------------------------------------------- cache-sized pieces
+PIECE = 1 << 16  # elements per piece of an elementwise chain: a piece of each operand (256 KiB in
+#                  float32) stays in the core's L2 cache (2 MiB) through every step of the chain.
+#                  Smaller pieces pay NumPy's ~1 us per call more often: GELU's forward on M took
+#                  10 / 7.5 / 7 ms of CPU in pieces of 2^14 / 2^15 / 2^16
+
+
+def in_pieces(step, *arrays):
+    """step(*pieces) for each run of PIECE elements of the arrays, flattened. Returns nothing.
+
+    An elementwise chain of k NumPy operations over an array larger than the
+    cache streams it through memory k times; done piece by piece, each piece is
+    read once and the other k - 1 operations find it in cache. The arrays must
+    have one size; those `step` writes into must be C-contiguous (a
+    non-contiguous input is read through a flat copy).
+
+    >>> a, out = np.arange(5.0), np.empty(5)
+    >>> in_pieces(lambda a, out: np.multiply(a, 2.0, out=out), a, out); out
+    array([0., 2., 4., 6., 8.])
+    """
+    flat = [a.reshape(-1) for a in arrays]
+    for lo in range(0, flat[0].size, PIECE):
+        step(*(f[lo:lo + PIECE] for f in flat))
+
+
+def row_pieces(rows, width):
+    """(start, stop) of runs of whole rows of `width` elements, about PIECE elements a run
+    (at least one row): in_pieces for a chain whose steps work along rows (softmax).
+
+    >>> row_pieces(5, PIECE // 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    step = max(1, PIECE // width)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
 # ------------------------------------------------------------------ GELU
 class GeluCache(NamedTuple):
     x: np.ndarray  # (...) the input
     s: np.ndarray  # (...) sigmoid(2u) = 0.5 (1 + tanh(u)), u = GELU_K (x + GELU_A x^3)
 
 
+def _gelu_piece(x, s, out):
+    """s = 0.5 (1 + tanh(u)), out = x * s on one piece (see gelu_forward)."""
+    np.multiply(x, x, out=s)
+    s *= GELU_K * GELU_A
+    s += GELU_K
+    s *= x  # u = K (x + A x^3)
+    np.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5  # s = 0.5 (1 + tanh(u)) = sigmoid(2u)
+    np.multiply(x, s, out=out)
+
+
 def gelu_forward(x):
     """GPT-2's tanh approximation ("gelu_new"):
 
         gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-                = x * sigmoid(2u)                 since 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))
+                = x * s,  s = 0.5 (1 + tanh(u)) = sigmoid(2u)
 
-    The sigmoid form is the same function; NumPy's exp is about twice as
-    fast as its tanh, and the in-place steps avoid temporaries.
+    The cache keeps s, the backward's building block. The eight in-place
+    steps run on cache-sized pieces (in_pieces). Measured on config M's
+    (8, 256, 1536), CPU time of one call: 7.7 ms as whole-array passes with
+    exp (x / (1 + exp(-2u)), faster than tanh in older NumPy), 5.9 ms in
+    pieces with NumPy 2's vectorised tanh.
     """
-    s = x * x
-    s *= -2.0 * GELU_K * GELU_A
-    s -= 2.0 * GELU_K
-    s *= x  # -2u
-    with np.errstate(over="ignore"):  # exp(-2u) = inf for x << 0 gives s = 0, as it should
-        np.exp(s, out=s)
-    s += 1.0
-    np.reciprocal(s, out=s)  # s = sigmoid(2u)
-    return x * s, GeluCache(x, s)
+    s, out = np.empty_like(x), np.empty_like(x)
+    in_pieces(_gelu_piece, x, s, out)
+    return out, GeluCache(x, s)
+
+
+def _gelu_grad_piece(dout, x, s, d):
+    """d = dout * (s + x * 2 s (1 - s) u') on one piece (see gelu_backward)."""
+    np.multiply(x, x, out=d)
+    d *= 6.0 * GELU_K * GELU_A
+    d += 2.0 * GELU_K  # 2u'
+    d *= x
+    d *= s
+    d *= 1.0 - s  # a piece-sized temporary
+    d += s  # d gelu/dx
+    d *= dout
 
 
 def gelu_backward(dout, cache):
     """With s = sigmoid(2u) and u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2):
 
         d gelu/dx = s + x * ds/dx = s + x * 2 s (1 - s) u'
+
+    In cache-sized pieces, as the forward: on M 8.2 ms -> 5.5 ms of CPU per call.
     """
     x, s = cache
-    d = x * x
-    d *= 6.0 * GELU_K * GELU_A
-    d += 2.0 * GELU_K  # 2u'
-    d *= x
-    d *= s
-    d *= 1.0 - s
-    d += s  # d gelu/dx
-    d *= dout
+    d = np.empty_like(x)
+    in_pieces(_gelu_grad_piece, dout, x, s, d)
     return (d,)
 
 
