@@ -122,6 +122,42 @@ def matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> dict:
     return {"dtype": dtype, "n": n, "median": statistics.median(samples), "max": max(samples), "samples": samples}
 
 
+def read_bandwidth(mib: int = 512, reps: int = 5, vocab: int = 50257, width: int = 768) -> dict:
+    """GB/s (10^9 bytes/s) at which this process reads memory, two ways, median of `reps`:
+
+        sum   a.sum() over `mib` MiB of float32 (a streaming read, the plain limit)
+        gemv  x @ w.T with w (vocab, width) float32, GPT-2's LM head (154 MB): the
+              read decoding at batch 1 does for every weight matrix
+
+    Threads as-is (OPENBLAS_NUM_THREADS of this process); one untimed call of each
+    first. Decoding at batch 1 reads every weight once per token, so its limit in
+    tokens/s is these GB/s / the weight bytes (weight_bytes_per_token).
+    """
+    a = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    w = np.random.default_rng(0).standard_normal((vocab, width), dtype=np.float32)
+    x = np.ones((1, width), dtype=np.float32)
+    out = {}
+    for name, fn, nbytes in (("sum", a.sum, a.nbytes), ("gemv", lambda: x @ w.T, w.nbytes)):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        out[name + "_gb_s"] = statistics.median(samples)
+        out[name + "_samples"] = samples
+    return out
+
+
+def weight_bytes_per_token(cfg: dict) -> int:
+    """Bytes of weights a batch-1 decoding step reads: every block's matrices, biases and
+    gains, ln_f and the tied head (all of wte); one row of wte and wpe is left out. The KV
+    cache adds 2 L n d values at position n (8.5 MB on L at n = 116, the mean of 16 + 200)."""
+    L, d, V = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]
+    per_block = 12 * d * d + 13 * d  # c_attn 3d^2 + 3d, c_proj d^2 + d, c_fc 4d^2 + 4d, mlp.c_proj 4d^2 + d, 2 LNs 4d
+    return (L * per_block + V * d + 2 * d) * np.dtype(cfg["dtype"]).itemsize
+
+
 # -------------------------------------------------------------- memory
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (getrusage ru_maxrss)."""

@@ -81,48 +81,6 @@ def embedding_backward(dout, cache):
     return (dw,)
 
 
-# ------------------------------------------------------------ layer norm
-class LayerNormCache(NamedTuple):
-    xhat: np.ndarray  # (..., C) normalised input (x - mean) * rstd
-    rstd: np.ndarray  # (..., 1) 1 / sqrt(var + eps)
-    w: np.ndarray  # (C,) gain
-
-
-def layernorm_forward(x, w, b, eps=LAYER_NORM_EPS):
-    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
-
-    x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0
-    (up to the rounding of its mean), so rstd <= 1/sqrt(eps) stays finite.
-    """
-    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1) biased, as GPT-2
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc * rstd
-    out = xhat * w + b
-    return out, LayerNormCache(xhat, rstd, w)
-
-
-def layernorm_backward(dout, cache):
-    """With g = dout * w (gradient w.r.t. xhat):
-
-        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-        dw = sum(dout * xhat),  db = sum(dout)   (sums over all leading dims)
-
-    The two means remove the directions that normalisation projects out
-    (shifting the row, scaling it). Uses cache.xhat, cache.rstd, cache.w.
-    """
-    xhat, rstd, w = cache
-    C = xhat.shape[-1]
-    g = dout * w  # (..., C)
-    dx = g - g.mean(axis=-1, keepdims=True)
-    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-    dx *= rstd
-    dw = np.einsum("mc,mc->c", dout.reshape(-1, C), xhat.reshape(-1, C))
-    db = dout.reshape(-1, C).sum(axis=0)
-    return dx, dw, db
-
-
 # ------------------------------------------------------- cache-sized pieces
 PIECE = 1 << 16  # elements per piece of an elementwise chain: a piece of each operand (256 KiB in
 #                  float32) stays in the core's L2 cache (2 MiB) through every step of the chain.
@@ -157,6 +115,64 @@ def row_pieces(rows, width):
     """
     step = max(1, PIECE // width)
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+# ------------------------------------------------------------ layer norm
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) normalised input (x - mean) * rstd
+    rstd: np.ndarray  # (..., 1) 1 / sqrt(var + eps)
+    w: np.ndarray  # (C,) gain
+
+
+def layernorm_forward(x, w, b, eps=LAYER_NORM_EPS):
+    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis.
+
+    x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0
+    (up to the rounding of its mean), so rstd <= 1/sqrt(eps) stays finite.
+    The rows go in runs of about PIECE elements (row_pieces), each run's six
+    steps in cache; the sum of squares by einsum, with no (rows, C) temporary.
+    CPU time of one call on M's (8, 256, 384): 2.2 ms as whole-array steps, 1.5 ms.
+    """
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (M, C), M = prod(leading dims)
+    xhat, out = np.empty_like(x2), np.empty_like(x2)  # (M, C)
+    rstd = np.empty((x2.shape[0], 1), dtype=x.dtype)  # (M, 1)
+    for lo, hi in row_pieces(x2.shape[0], C):
+        rows, r = x2[lo:hi], rstd[lo:hi]
+        xc = np.subtract(rows, np.add.reduce(rows, axis=-1, keepdims=True) / C, out=xhat[lo:hi])  # x - mean
+        var = np.einsum("mc,mc->m", xc, xc)[:, None] / C  # (m, 1) biased, as GPT-2
+        np.sqrt(var + eps, out=r)
+        np.reciprocal(r, out=r)  # rstd = 1 / sqrt(var + eps)
+        xc *= r  # xhat
+        np.multiply(xc, w, out=out[lo:hi])
+        out[lo:hi] += b
+    return out.reshape(x.shape), LayerNormCache(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), w)
+
+
+def layernorm_backward(dout, cache):
+    """With g = dout * w (gradient w.r.t. xhat):
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+        dw = sum(dout * xhat),  db = sum(dout)   (sums over all leading dims)
+
+    The two means remove the directions that normalisation projects out
+    (shifting the row, scaling it). Uses cache.xhat, cache.rstd, cache.w.
+    dx in runs of rows, as the forward (2.9 -> 2.1 ms of CPU on M).
+    """
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    d2, xh, rs = dout.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)  # (M, C), (M, C), (M, 1)
+    dx = np.empty_like(xh)  # (M, C)
+    for lo, hi in row_pieces(xh.shape[0], C):
+        g = np.multiply(d2[lo:hi], w, out=dx[lo:hi])  # (m, C)
+        mean_g = np.add.reduce(g, axis=-1, keepdims=True) / C  # (m, 1)
+        mean_gx = np.einsum("mc,mc->m", g, xh[lo:hi])[:, None] / C  # (m, 1) mean(g * xhat)
+        g -= mean_g
+        g -= xh[lo:hi] * mean_gx
+        g *= rs[lo:hi]
+    dw = np.einsum("mc,mc->c", d2, xh)
+    db = d2.sum(axis=0)
+    return dx.reshape(dout.shape), dw, db
 
 
 # ------------------------------------------------------------------ GELU
