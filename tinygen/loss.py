@@ -39,7 +39,7 @@ def cross_entropy_forward(logits, targets):
     bad = counted & ((targets < 0) | (targets >= V))
     if bad.any():
         raise TinygenError(f"target id {targets[bad][0]} is outside the vocabulary [0, {V}) (use {IGNORE} to ignore a position)")
-    probs = np.empty_like(logits)  # (B, T, V)
+    probs = np.empty(logits.shape, logits.dtype)  # (B, T, V), C order: written a run of rows at a time
     lse = np.empty(logits.shape[:-1], dtype=logits.dtype)  # (B, T)
     rows = logits.reshape(-1, V)
     for lo, hi in row_pieces(rows.shape[0], V):  # a few rows at a time, in cache (see _softmax_rows)
