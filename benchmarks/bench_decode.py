@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                     # S and M, 2 rounds
     python benchmarks/bench_decode.py --configs S --rounds 3 --threads 1
+    python benchmarks/bench_decode.py --configs L --prompt-lengths 16,256,768 --rounds 1
 
 For each prompt length T the model first reads the prompt (prefill, timed
 apart), then generates --new-tokens tokens greedily at batch 1; the table
@@ -10,8 +11,8 @@ shows the median time per new token. With the cache a token costs O(T C)
 column stays nearly flat as T grows; without it every token recomputes the
 whole window, O(T^2 C + T C^2), and the column grows with T.
 
-Configs S and M of ../shared/ANCHORS.md with block_size 256 (as in
-compare_hf.py), float32. Each (config, cache on/off) runs in its own process,
+Configs S and M of ../shared/ANCHORS.md with block_size 256 and L (GPT-2
+small) with its 1024 (as in compare_hf.py), float32. Each (config, cache on/off) runs in its own process,
 interleaved on/off/on/off; medians over rounds.
 """
 import argparse
@@ -54,7 +55,7 @@ def decode_child(config: str, use_cache: bool, new_tokens: int, prompt_lengths: 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="S,M", help="comma-separated: S, M (default: S,M)")
+    parser.add_argument("--configs", default="S,M", help="comma-separated: S, M, L (default: S,M)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved on/off process pairs (default: 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt length (default: 32)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as the machine has)")
@@ -66,9 +67,10 @@ def main(argv=None):
     rows, record = [], {"machine": common.machine_info(), "threads": args.threads, "configs": {}}
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         if name not in DECODE_CONFIGS:
-            raise SystemExit(f"unknown config {name!r}; choose from S, M")
-        if max(lengths) + args.new_tokens > DECODE_CONFIGS[name]["block_size"]:
-            raise SystemExit("prompt length + --new-tokens must fit in block_size 256 (no sliding here)")
+            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(DECODE_CONFIGS)}")
+        block = DECODE_CONFIGS[name]["block_size"]
+        if max(lengths) + args.new_tokens > block:
+            raise SystemExit(f"prompt length + --new-tokens must fit in {name}'s block_size {block} (no sliding here)")
         runs = {True: [], False: []}
         for r in range(args.rounds):
             for use_cache in (True, False):

@@ -193,9 +193,9 @@ def table(summaries) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="S,M", help="comma-separated, from S, M, S64 (default S,M)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2)")
+    p.add_argument("--configs", default="S,M", help="comma-separated, from S, M, L, S64 (default S,M)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5, L 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2, L 1)")
     p.add_argument("--rounds", type=int, default=3, help="processes per config, interleaved (default 3)")
     p.add_argument("--threads", type=int, default=0, help="pin BLAS threads (default: as-is)")
     p.add_argument("--workers", type=int, default=0,

@@ -10,12 +10,15 @@ runs), so every measurement here follows one recipe:
 - MFU is relative to the float32 (or float64) matmul peak measured in the
   same run, in the same child processes, right after the timed steps.
 
-Configs S and M and the FLOP formula are those of ../shared/ANCHORS.md:
+Configs S, M and L (GPT-2 small, 124M parameters) and the FLOP formula are
+those of ../shared/ANCHORS.md:
 
     FLOPs per training step = (6 N + 12 L d T) B T,   N = 12 L d^2 + V d
 
     >>> round(model_flops_per_step(CONFIGS["S"]) / 1e9, 2), round(model_flops_per_step(CONFIGS["M"]) / 1e9, 1)
     (5.64, 154.6)
+    >>> round(model_flops_per_step(CONFIGS["L"]) / 1e9)
+    788
 """
 import importlib
 import json
@@ -34,15 +37,19 @@ for _p in (REPO_ROOT, BENCH_DIR):  # run from anywhere without `pip install`
 
 import numpy as np  # noqa: E402
 
-# GPT-2 architecture benchmark configs (ANCHORS.md). S64 is S in float64.
+# GPT-2 architecture benchmark configs (ANCHORS.md). S64 is S in float64. L is GPT-2 small
+# (openai-community/gpt2's shape, 124M parameters, random weights) trained at B=4, T=256;
+# its decoding benchmarks use a 1024-position context (compare_hf.DECODE_CONFIGS).
 CONFIGS = {
     "S": dict(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128, batch_size=16, dtype="float32"),
     "M": dict(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, batch_size=8, dtype="float32"),
+    "L": dict(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768, batch_size=4, dtype="float32"),
     "S64": dict(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128, batch_size=16, dtype="float64"),
 }
-# Default timed steps / warm-up steps per config: keeps each script under ~3 min.
-DEFAULT_STEPS = {"S": 20, "S64": 10, "M": 5}
-DEFAULT_WARMUP = {"S": 3, "S64": 2, "M": 2}
+# Default timed steps / warm-up steps per config: keeps each script under ~3 min
+# (an L step takes several seconds on 2 cores: 1 warm-up + 3 timed).
+DEFAULT_STEPS = {"S": 20, "S64": 10, "M": 5, "L": 3}
+DEFAULT_WARMUP = {"S": 3, "S64": 2, "M": 2, "L": 1}
 # The training recipe both tinygen and PyTorch run (nanoGPT's defaults).
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 
@@ -113,6 +120,42 @@ def matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> dict:
         np.matmul(a, b, out=c)
         samples.append(2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
     return {"dtype": dtype, "n": n, "median": statistics.median(samples), "max": max(samples), "samples": samples}
+
+
+def read_bandwidth(mib: int = 512, reps: int = 5, vocab: int = 50257, width: int = 768) -> dict:
+    """GB/s (10^9 bytes/s) at which this process reads memory, two ways, median of `reps`:
+
+        sum   a.sum() over `mib` MiB of float32 (a streaming read, the plain limit)
+        gemv  x @ w.T with w (vocab, width) float32, GPT-2's LM head (154 MB): the
+              read decoding at batch 1 does for every weight matrix
+
+    Threads as-is (OPENBLAS_NUM_THREADS of this process); one untimed call of each
+    first. Decoding at batch 1 reads every weight once per token, so its limit in
+    tokens/s is these GB/s / the weight bytes (weight_bytes_per_token).
+    """
+    a = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    w = np.random.default_rng(0).standard_normal((vocab, width), dtype=np.float32)
+    x = np.ones((1, width), dtype=np.float32)
+    out = {}
+    for name, fn, nbytes in (("sum", a.sum, a.nbytes), ("gemv", lambda: x @ w.T, w.nbytes)):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        out[name + "_gb_s"] = statistics.median(samples)
+        out[name + "_samples"] = samples
+    return out
+
+
+def weight_bytes_per_token(cfg: dict) -> int:
+    """Bytes of weights a batch-1 decoding step reads: every block's matrices, biases and
+    gains, ln_f and the tied head (all of wte); one row of wte and wpe is left out. The KV
+    cache adds 2 L n d values at position n (8.5 MB on L at n = 116, the mean of 16 + 200)."""
+    L, d, V = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]
+    per_block = 12 * d * d + 13 * d  # c_attn 3d^2 + 3d, c_proj d^2 + d, c_fc 4d^2 + 4d, mlp.c_proj 4d^2 + d, 2 LNs 4d
+    return (L * per_block + V * d + 2 * d) * np.dtype(cfg["dtype"]).itemsize
 
 
 # -------------------------------------------------------------- memory

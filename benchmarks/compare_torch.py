@@ -185,9 +185,9 @@ def paired(a_runs, b_runs, key, invert=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="S,M", help="comma-separated, from S, M, S64 (default S,M)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2)")
+    p.add_argument("--configs", default="S,M", help="comma-separated, from S, M, L, S64 (default S,M)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default S 20, S64 10, M 5, L 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default S 3, S64 2, M 2, L 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; tinygen's --workers (each with a 1-thread BLAS) (default 2)")
     p.add_argument("--sdpa", action="store_true", help="also torch with F.scaled_dot_product_attention")

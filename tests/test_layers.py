@@ -10,8 +10,8 @@ from hypothesis import example, given, strategies as st
 
 from tinygen.errors import TinygenError
 from tinygen.layers import (
-    dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_forward,
-    layernorm_backward, layernorm_forward, softmax,
+    GELU_A, GELU_K, PIECE, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+    gelu_backward, gelu_forward, in_pieces, layernorm_backward, layernorm_forward, row_pieces, softmax,
 )
 from tinygen.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from tinygen.gradient_check import THRESHOLD, check_layer, layer_cases
@@ -253,3 +253,52 @@ def test_cross_entropy_rejects_bad_targets():
         cross_entropy_forward(logits, np.full((2, 3), 4))
     with pytest.raises(TinygenError, match="vocabulary"):
         cross_entropy_forward(logits, np.full((2, 3), -2))
+
+
+# ------------------------------------------------ cache-sized pieces (layers.PIECE)
+def _reference_layers(x, w, b, dout, targets):
+    """The whole-array math of gelu, layer norm and the cross-entropy, float64, no pieces."""
+    u = GELU_K * (x + GELU_A * x**3)
+    s = 0.5 * (1 + np.tanh(u))
+    gelu, dgelu = x * s, dout * (s + x * 2 * s * (1 - s) * GELU_K * (1 + 3 * GELU_A * x**2))
+    xc = x - x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc**2).mean(-1, keepdims=True) + 1e-5)
+    xhat = xc * rstd
+    g = dout * w
+    dln = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    m = x.max(-1, keepdims=True)
+    probs = np.exp(x - m) / np.exp(x - m).sum(-1, keepdims=True)
+    loss = np.mean(np.log(np.exp(x - m).sum(-1)) + m[..., 0] - np.take_along_axis(x, targets[..., None], -1)[..., 0])
+    dlogits = probs.copy()
+    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(probs, targets[..., None], -1) - 1, -1)
+    return gelu, dgelu, xhat * w + b, dln, loss, dlogits / targets.size
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "sliced"])
+def test_layers_in_pieces_equal_the_whole_array_math(layout):
+    """Arrays spanning several pieces (a partial last one included), and inputs that are not
+    C-contiguous, give the whole-array results: the pieces cover every element once, in order."""
+    rng = np.random.default_rng(0)
+    B, T, C = 3, 7, PIECE // 9 + 5  # 21 rows, 2.3 pieces of elements; 9 rows a run of rows
+    x = rng.standard_normal((B, T + 2, C))[:, 1:-1] if layout == "sliced" else rng.standard_normal((B, T, C))
+    x = np.asfortranarray(x) if layout == "F" else x
+    dout = rng.standard_normal((B, T, C))
+    w, b, targets = rng.standard_normal(C), rng.standard_normal(C), rng.integers(0, C, (B, T))
+    gelu, dgelu, ln, dln, loss, dlogits = _reference_layers(np.ascontiguousarray(x), w, b, dout, targets)
+    out, cache = gelu_forward(x)
+    np.testing.assert_allclose(out, gelu, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gelu_backward(dout, cache)[0], dgelu, rtol=1e-12, atol=1e-14)
+    out, cache = layernorm_forward(x, w, b)
+    np.testing.assert_allclose(out, ln, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layernorm_backward(dout, cache)[0], dln, rtol=1e-10, atol=1e-12)
+    value, cache = cross_entropy_forward(x, targets)
+    assert value == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(cross_entropy_backward(1.0, cache)[0], dlogits, rtol=1e-12, atol=1e-15)
+
+
+def test_pieces_cover_every_element_once():
+    seen = np.zeros(2 * PIECE + 3, dtype=int)
+    in_pieces(lambda piece: np.add(piece, 1, out=piece), seen)
+    assert (seen == 1).all()
+    assert row_pieces(7, PIECE // 3) == [(0, 3), (3, 6), (6, 7)]
+    assert row_pieces(2, 2 * PIECE) == [(0, 1), (1, 2)]  # a row longer than a piece: one row a run

