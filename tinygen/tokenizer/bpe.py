@@ -31,7 +31,7 @@ id is also its merge rank.
 """
 import heapq
 import warnings
-from itertools import islice, repeat
+from itertools import chain, islice, repeat
 from operator import add
 
 import numpy as np
@@ -180,13 +180,33 @@ def encode_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
     """[encode_piece(p, ranks) for p in pieces], with the merges of all pieces done together.
 
     `token_bytes[i]` is the bytes of token i (a list; None for unused ids).
+    See `merge_pieces`, which does the work and returns the ids as arrays.
+
+    >>> ranks = {bytes([b]): b for b in range(256)} | {b"aa": 256, b"ab": 257, b"aaab": 258}
+    >>> token_bytes = [bytes([b]) for b in range(256)] + [b"aa", b"ab", b"aaab"]
+    >>> encode_pieces([b"aaab", b"xaab", b"aaa"], ranks, token_bytes, finish_below=1)
+    [[258], [120, 256, 98], [256, 97]]
+    """
+    which, ids, lens = merge_pieces(pieces, ranks, token_bytes, finish_below, table)
+    out, ids, k = [None] * len(pieces), ids.tolist(), 0
+    for i, n in zip(which.tolist(), lens.tolist()):
+        out[i] = ids[k : k + n]
+        k += n
+    return out
+
+
+def merge_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
+    """The ids of many pieces as arrays (which, ids, lens): piece which[k]'s ids are the k-th lens[k] of ids.
+
     Each piece goes through exactly `encode_piece`'s merges, in its order; a
     round makes the next merge of every unfinished piece at once, with NumPy
     arrays over all their parts, so Python's cost is per round, not per merge;
     the ranks of new pairs come from `table` (`PairTable(ranks)`, built here if
     not given: pass it in to build it once per vocabulary). Once fewer than
     `finish_below` pieces are left (the long ones), they finish with
-    `encode_piece`'s loop from where they are.
+    `encode_piece`'s loop from where they are. Pieces come out in the order
+    they finish; arrays, so that a caller can turn all ids into what it needs
+    at once (the tokenizer: one str of chr(id)).
 
     State, over the parts of the unfinished pieces laid end to end:
       ids (N,)   the token id of each part
@@ -195,16 +215,16 @@ def encode_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
 
     >>> ranks = {bytes([b]): b for b in range(256)} | {b"aa": 256, b"ab": 257, b"aaab": 258}
     >>> token_bytes = [bytes([b]) for b in range(256)] + [b"aa", b"ab", b"aaab"]
-    >>> encode_pieces([b"aaab", b"xaab", b"aaa"], ranks, token_bytes, finish_below=1)
-    [[258], [120, 256, 98], [256, 97]]
+    >>> [a.tolist() for a in merge_pieces([b"aaab", b"xaab", b"aaa"], ranks, token_bytes, finish_below=1)]
+    [[1, 2, 0], [120, 256, 98, 256, 97, 258], [3, 2, 1]]
     """
-    if len(pieces) < finish_below:  # too few for NumPy to pay off
-        return [encode_piece(p, ranks) for p in pieces]
+    if len(pieces) < max(finish_below, 1):  # too few for NumPy to pay off
+        return _as_arrays(range(len(pieces)), [encode_piece(p, ranks) for p in pieces])
     lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))  # (S,)
     if lens.max() > LONG_PIECE or lens.min() < 1:
         raise ValueError(f"encode_pieces takes non-empty pieces of at most {LONG_PIECE} bytes")
     table = PairTable(ranks) if table is None else table
-    out = [None] * len(pieces)
+    done_which, done_ids, done_lens = [], [], []  # the finished pieces, a batch per round
     which = np.arange(len(pieces))
     byte_ids = np.array([ranks[b] for b in _BYTES], dtype=np.int64)
     ids = byte_ids[np.frombuffer(b"".join(pieces), dtype=np.uint8)]  # (N,)
@@ -218,16 +238,17 @@ def encode_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
         best, at = low >> 32, low & 0xFFFFFFFF  # (S,) (S,)
         done = best == NO_PAIR
         if done.any():  # no pair left to merge: record these pieces, drop their parts
-            _collect(out, which[done], ids[np.repeat(done, lens)], lens[done])
-            gone = np.cumsum(np.where(done, lens, 0))  # (S,) parts dropped up to each piece
             keep = np.repeat(~done, lens)
+            done_which.append(which[done]), done_ids.append(ids[~keep]), done_lens.append(lens[done])
+            gone = np.cumsum(np.where(done, lens, 0))  # (S,) parts dropped up to each piece
             ids, pr, lens, which = ids[keep], pr[keep], lens[~done], which[~done]
             best, at = best[~done], at[~done] - gone[~done]
             starts = np.cumsum(lens) - lens
         if len(lens) < finish_below:
-            for k, i in enumerate(which.tolist()):
-                parts = [token_bytes[t] for t in ids[starts[k] : starts[k] + lens[k]].tolist()]
-                out[i] = _merge_parts(parts, ranks)
+            parts = [[token_bytes[t] for t in ids[a : a + n].tolist()] for a, n in zip(starts.tolist(), lens.tolist())]
+            finished = _as_arrays(which, [_merge_parts(p, ranks) for p in parts])
+            for a, b in zip((done_which, done_ids, done_lens), finished):
+                a.append(b)
             break
         ids[at] = best  # a token's id is its rank: the merged part
         keep = np.ones(len(ids), dtype=bool)
@@ -239,7 +260,13 @@ def encode_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
         pr[at] = NO_PAIR  # if the merged part is now its piece's last
         redo = np.concatenate([at[at != ends - lens] - 1, at[at != ends - 1]])  # the two new pairs
         pr[redo] = table.ranks(ids[redo], ids[redo + 1])
-    return out
+    return np.concatenate(done_which), np.concatenate(done_ids), np.concatenate(done_lens)
+
+
+def _as_arrays(which, out):
+    """`merge_pieces`' arrays (which, ids, lens) of the lists of ids `out` of pieces `which`."""
+    lens = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
+    return np.array(which, dtype=np.int64), np.fromiter(chain.from_iterable(out), dtype=np.int64), lens
 
 
 class PairTable:
@@ -285,14 +312,6 @@ class PairTable:
         key = left << self.SHIFT | right  # (n,)
         at = np.searchsorted(self.keys, key)  # (n,) in 0..K: the sentinel catches keys above the last
         return np.where(self.keys[at] == key, self.values[at], NO_PAIR)
-
-
-def _collect(out, which, ids, lens):
-    """out[which[k]] = the k-th piece's ids, cut from `ids` (its pieces' parts end to end) by `lens`."""
-    ids, k = ids.tolist(), 0
-    for i, n in zip(which.tolist(), lens.tolist()):
-        out[i] = ids[k : k + n]
-        k += n
 
 
 def _encode_long(piece, ranks):

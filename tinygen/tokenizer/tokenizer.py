@@ -28,7 +28,7 @@ from itertools import chain
 import numpy as np
 import regex
 
-from .bpe import LONG_PIECE, PairTable, encode_piece, encode_pieces, recover_merges, train_merges
+from .bpe import LONG_PIECE, PairTable, encode_piece, merge_pieces, recover_merges, train_merges
 from ..errors import TinygenError
 from ..plumbing.fileio import atomic_write_text, parse_json
 from .split import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, splitter  # noqa: F401 (re-exported)
@@ -260,22 +260,26 @@ class Tokenizer(TiktokenMethods):
         """cache[chunk] = its ids as a str of chr(id), for each of `chunks`.
 
         A chunk that is itself a token is one lookup; the others go through BPE,
-        all together (`encode_pieces`), the few longer than LONG_PIECE bytes one by one.
+        all together (`merge_pieces`), the few longer than LONG_PIECE bytes one by one.
+        The ids of all pieces come back as one array, turned into one str at
+        once and cut into each chunk's str (no list and no join per chunk).
         """
-        ranks, pieces, rest = self._ranks, [], []
-        for chunk in chunks:
-            piece = chunk.encode("utf-8")
-            i = ranks.get(piece)
-            if i is not None:
-                cache[chunk] = chr(i)
-            elif len(piece) > LONG_PIECE:
-                cache[chunk] = "".join(map(chr, encode_piece(piece, ranks)))
-            else:
-                pieces.append(piece)
-                rest.append(chunk)
-        if pieces:
-            for chunk, ids in zip(rest, encode_pieces(pieces, ranks, self._token_bytes, table=self._pairs)):
-                cache[chunk] = "".join(map(chr, ids))
+        chunks = list(chunks)
+        pieces = list(map(str.encode, chunks))  # UTF-8
+        ids = list(map(self._ranks.get, pieces))
+        rest = [k for k, i in enumerate(ids) if i is None]
+        cache.update({c: chr(i) for c, i in zip(chunks, ids) if i is not None})
+        long = [k for k in rest if len(pieces[k]) > LONG_PIECE]
+        for k in long:
+            cache[chunks[k]] = "".join(map(chr, encode_piece(pieces[k], self._ranks)))
+        if long:
+            rest = [k for k in rest if len(pieces[k]) <= LONG_PIECE]
+        if rest:
+            which, ids, lens = merge_pieces([pieces[k] for k in rest], self._ranks, self._token_bytes, table=self._pairs)
+            chars = ids.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+            ends = np.cumsum(lens)
+            cuts = map(slice, (ends - lens).tolist(), ends.tolist())
+            cache.update(zip(map(chunks.__getitem__, map(rest.__getitem__, which.tolist())), map(chars.__getitem__, cuts)))
 
     # ---- decoding ----------------------------------------------------------------
     def decode_bytes(self, tokens):
