@@ -226,9 +226,11 @@ def merge_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
     table = PairTable(ranks) if table is None else table
     done_which, done_ids, done_lens = [], [], []  # the finished pieces, a batch per round
     which = np.arange(len(pieces))
-    byte_ids = np.array([ranks[b] for b in _BYTES], dtype=np.int64)
-    ids = byte_ids[np.frombuffer(b"".join(pieces), dtype=np.uint8)]  # (N,)
-    pr = np.append(table.ranks(ids[:-1], ids[1:]), NO_PAIR)  # (N,)
+    raw = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.int64)  # (N,) the bytes
+    ids = table.byte_ids[raw]  # (N,)
+    if ids.min() < 0:
+        raise KeyError(f"a byte of the pieces is not a token: {bytes(raw[ids < 0][:1].tolist())!r}")
+    pr = np.append(table.byte_pairs[raw[:-1] << 8 | raw[1:]], NO_PAIR)  # (N,)
     pr[np.cumsum(lens) - 1] = NO_PAIR  # a piece's last part has no pair
     while len(lens):
         starts = np.cumsum(lens) - lens  # (S,)
@@ -293,6 +295,8 @@ class PairTable:
     SHIFT = 21
 
     def __init__(self, ranks):
+        if ranks and max(ranks.values()) >> self.SHIFT:
+            raise ValueError(f"PairTable takes ids below 2^{self.SHIFT}, got {max(ranks.values())}")
         get, keys, values = ranks.get, [], []
         for token, rank in ranks.items():
             for k in range(1, len(token)):
@@ -306,6 +310,11 @@ class PairTable:
         order = np.argsort(keys)
         self.keys = np.append(keys[order], 1 << 62)  # (K+1,) sorted, a sentinel above every key
         self.values = np.append(values[order], NO_PAIR)  # (K+1,)
+        # the first round's pairs are all pairs of bytes (half of all lookups): a direct 256 x 256 table
+        self.byte_ids = np.array([ranks.get(b, -1) for b in _BYTES], dtype=np.int64)  # (256,) -1: not a token
+        left, right = np.divmod(np.arange(1 << 16), 256)
+        both = (self.byte_ids[left] >= 0) & (self.byte_ids[right] >= 0)
+        self.byte_pairs = np.where(both, self.ranks(self.byte_ids[left], self.byte_ids[right]), NO_PAIR)  # (65536,)
 
     def ranks(self, left, right):
         """(n,) the rank of token_bytes[left[k]] + token_bytes[right[k]], NO_PAIR where that is not a token."""
