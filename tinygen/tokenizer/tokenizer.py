@@ -23,7 +23,7 @@ import operator
 import os
 import types
 from collections import Counter
-from itertools import chain
+from itertools import chain, compress, repeat
 
 import numpy as np
 import regex
@@ -267,19 +267,22 @@ class Tokenizer(TiktokenMethods):
         chunks = list(chunks)
         pieces = list(map(str.encode, chunks))  # UTF-8
         ids = list(map(self._ranks.get, pieces))
-        rest = [k for k, i in enumerate(ids) if i is None]
-        cache.update({c: chr(i) for c, i in zip(chunks, ids) if i is not None})
-        long = [k for k in rest if len(pieces[k]) > LONG_PIECE]
-        for k in long:
-            cache[chunks[k]] = "".join(map(chr, encode_piece(pieces[k], self._ranks)))
-        if long:
-            rest = [k for k in rest if len(pieces[k]) <= LONG_PIECE]
-        if rest:
-            which, ids, lens = merge_pieces([pieces[k] for k in rest], self._ranks, self._token_bytes, table=self._pairs)
+        known = list(map(operator.is_not, ids, repeat(None)))  # the chunk is one token
+        cache.update(zip(compress(chunks, known), map(chr, compress(ids, known))))  # in C: no loop per chunk
+        unknown = list(map(operator.not_, known))
+        chunks, pieces = list(compress(chunks, unknown)), list(compress(pieces, unknown))
+        if pieces and max(map(len, pieces)) > LONG_PIECE:
+            for chunk, piece in zip(chunks, pieces):
+                if len(piece) > LONG_PIECE:
+                    cache[chunk] = "".join(map(chr, encode_piece(piece, self._ranks)))
+            short = [len(p) <= LONG_PIECE for p in pieces]
+            chunks, pieces = list(compress(chunks, short)), list(compress(pieces, short))
+        if pieces:
+            which, ids, lens = merge_pieces(pieces, self._ranks, self._token_bytes, table=self._pairs)
             chars = ids.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
             ends = np.cumsum(lens)
             cuts = map(slice, (ends - lens).tolist(), ends.tolist())
-            cache.update(zip(map(chunks.__getitem__, map(rest.__getitem__, which.tolist())), map(chars.__getitem__, cuts)))
+            cache.update(zip(map(chunks.__getitem__, which.tolist()), map(chars.__getitem__, cuts)))
 
     # ---- decoding ----------------------------------------------------------------
     def decode_bytes(self, tokens):
