@@ -239,24 +239,23 @@ def merge_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
         low = np.minimum.reduceat(pr << 32 | np.arange(len(pr)), starts)  # (S,)
         best, at = low >> 32, low & 0xFFFFFFFF  # (S,) (S,)
         done = best == NO_PAIR
-        if done.any():  # no pair left to merge: record these pieces, drop their parts
-            keep = np.repeat(~done, lens)
+        # one compaction per round drops the parts of finished pieces and the right half of each merge
+        keep = np.repeat(~done, lens) if done.any() else np.ones(len(ids), dtype=bool)  # (N,)
+        gone = np.cumsum(np.where(done, lens, 0))[~done]  # (S',) parts of finished pieces before each other one
+        if len(gone) < len(lens):  # no pair left to merge: record these pieces
             done_which.append(which[done]), done_ids.append(ids[~keep]), done_lens.append(lens[done])
-            gone = np.cumsum(np.where(done, lens, 0))  # (S,) parts dropped up to each piece
-            ids, pr, lens, which = ids[keep], pr[keep], lens[~done], which[~done]
-            best, at = best[~done], at[~done] - gone[~done]
-            starts = np.cumsum(lens) - lens
+            best, at, lens, which = best[~done], at[~done], lens[~done], which[~done]
         if len(lens) < finish_below:
+            ids, starts = ids[keep], np.cumsum(lens) - lens
             parts = [[token_bytes[t] for t in ids[a : a + n].tolist()] for a, n in zip(starts.tolist(), lens.tolist())]
             finished = _as_arrays(which, [_merge_parts(p, ranks) for p in parts])
             for a, b in zip((done_which, done_ids, done_lens), finished):
                 a.append(b)
             break
         ids[at] = best  # a token's id is its rank: the merged part
-        keep = np.ones(len(ids), dtype=bool)
         keep[at + 1] = False
         ids, pr = ids[keep], pr[keep]
-        at -= np.arange(len(at))  # where the merged parts are now, after the deletions before them
+        at -= gone + np.arange(len(at))  # where the merged parts are now, after the parts dropped before them
         lens -= 1
         ends = np.cumsum(lens)
         pr[at] = NO_PAIR  # if the merged part is now its piece's last
