@@ -10,7 +10,8 @@ import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, encode_pieces, train_merges
+from tinygen.tokenizer.bpe import (LONG_PIECE, NO_PAIR, PairTable, _encode_long, encode_piece, encode_pieces,
+                                   train_merges)
 from tinygen.errors import TinygenError
 from tinygen.tokenizer.split import (COVERED_CODES, Splitter, _covered_twin, _safe_point_after, _safe_point_before,
                                      greedy, splitter)
@@ -378,6 +379,33 @@ def test_encode_pieces_equals_one_piece_at_a_time(ranks, pieces, finish_below):
     expected = [_simple_bpe(p, ranks) for p in pieces]
     assert encode_pieces(pieces, ranks, token_bytes_of(ranks), finish_below) == expected
     assert [encode_piece(p, ranks) for p in pieces] == expected
+
+
+@given(rank_tables())
+def test_pair_table_finds_every_token_made_of_two(ranks):
+    # PairTable answers "is token_bytes[left] + token_bytes[right] a token, of which rank?" as the bytes
+    # lookup does, for every pair of tokens (not only the merges that built them) and every pair of bytes
+    table, token_bytes = PairTable(ranks), token_bytes_of(ranks)
+    ids = np.array(sorted(ranks.values()))
+    left, right = np.repeat(ids, len(ids)), np.tile(ids, len(ids))
+    expected = [ranks.get(token_bytes[a] + token_bytes[b], NO_PAIR) for a, b in zip(left.tolist(), right.tolist())]
+    assert table.ranks(left, right).tolist() == expected
+    pairs = [ranks.get(bytes([a, b]), NO_PAIR) for a in range(256) for b in range(256)]
+    assert table.byte_pairs.tolist() == pairs
+
+
+def test_pair_table_limits_and_sharing(tok):
+    with pytest.raises(ValueError, match="below 2"):
+        PairTable({b"a": 1 << 21})
+    # the table is built once per vocabulary and shared; the chunk cache is each tokenizer's own
+    # (among the last few vocabularies built: other tests may have pushed `tok`'s out)
+    first = Tokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens)
+    fresh = Tokenizer(dict(tok.mergeable_ranks), tok.pattern, tok.special_tokens)
+    assert fresh._pairs is first._pairs and fresh._cache is not first._cache
+    first.encode_ordinary("cached words here")
+    assert fresh._cache == {} and first._cache
+    other = Tokenizer({bytes([b]): b for b in range(256)}, "gpt2")
+    assert other._pairs is not tok._pairs and len(other._pairs.keys) == 1  # no token of two: only the sentinel
 
 
 def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
