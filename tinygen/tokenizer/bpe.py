@@ -221,8 +221,8 @@ def merge_pieces(pieces, ranks, token_bytes, finish_below=64, table=None):
     if len(pieces) < max(finish_below, 1):  # too few for NumPy to pay off
         return _as_arrays(range(len(pieces)), [encode_piece(p, ranks) for p in pieces])
     lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))  # (S,)
-    if lens.max() > LONG_PIECE or lens.min() < 1:
-        raise ValueError(f"encode_pieces takes non-empty pieces of at most {LONG_PIECE} bytes")
+    if lens.max() > LONG_PIECE or lens.min() < 1 or lens.sum() >> 32:  # positions are kept in 32 bits
+        raise ValueError(f"merge_pieces takes non-empty pieces of at most {LONG_PIECE} bytes, < 2^32 bytes in all")
     table = PairTable(ranks) if table is None else table
     done_which, done_ids, done_lens = [], [], []  # the finished pieces, a batch per round
     which = np.arange(len(pieces))
@@ -311,9 +311,10 @@ class PairTable:
         self.values = np.append(values[order], NO_PAIR)  # (K+1,)
         # the first round's pairs are all pairs of bytes (half of all lookups): a direct 256 x 256 table
         self.byte_ids = np.array([ranks.get(b, -1) for b in _BYTES], dtype=np.int64)  # (256,) -1: not a token
-        left, right = np.divmod(np.arange(1 << 16), 256)
-        both = (self.byte_ids[left] >= 0) & (self.byte_ids[right] >= 0)
-        self.byte_pairs = np.where(both, self.ranks(self.byte_ids[left], self.byte_ids[right]), NO_PAIR)  # (65536,)
+        self.byte_pairs = np.full(1 << 16, NO_PAIR, dtype=np.int64)  # (65536,) [a << 8 | b]: rank of bytes([a, b])
+        two = [(token[0] << 8 | token[1], rank) for token, rank in ranks.items() if len(token) == 2]
+        if two:
+            self.byte_pairs[[k for k, _ in two]] = [r for _, r in two]
 
     def ranks(self, left, right):
         """(n,) the rank of token_bytes[left[k]] + token_bytes[right[k]], NO_PAIR where that is not a token."""
