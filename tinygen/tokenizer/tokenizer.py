@@ -50,8 +50,9 @@ class Tokenizer(TiktokenMethods):
     add special tokens to any of them with `with_special_tokens`.
     Encoding caches the ids of each distinct chunk (emptied after a call that
     leaves more than `cache_size`); each tokenizer has its own chunk cache. The
-    vocabulary's `PairTable` (~0.1 s to build for GPT-2's) is built once per
-    process and shared by every tokenizer with the same ranks: it never changes.
+    vocabulary's tables for encoding (a `PairTable` and the tokens by their
+    text, ~0.1 s to build for GPT-2's) are built once per process and shared by
+    every tokenizer with the same ranks: they never change.
     A Tokenizer pickles as its vocabulary (not its caches), so it can be sent
     to a process pool.
     """
@@ -71,7 +72,7 @@ class Tokenizer(TiktokenMethods):
         if max(self._id_bytes) > MAX_TOKEN_ID:
             raise TinygenError(f"token id {max(self._id_bytes)} is too large: encoding stores ids as characters, "
                                f"so ordinary tokens need ids up to {MAX_TOKEN_ID} (special tokens may be larger)")
-        self._token_bytes = [None] * (max(self._id_bytes) + 1)  # id -> bytes, a list for encode_pieces
+        self._token_bytes = [None] * (max(self._id_bytes) + 1)  # id -> bytes, a list for merge_pieces
         for b, i in self._ranks.items():
             self._token_bytes[i] = b
         # derived from the ranks, never changed: shared by every tokenizer with equal ranks
@@ -260,7 +261,7 @@ class Tokenizer(TiktokenMethods):
     def _add_to_cache(self, chunks, cache):
         """cache[chunk] = its ids as a str of chr(id), for each of `chunks`.
 
-        A chunk that is itself a token is one lookup; the others go through BPE,
+        A chunk that is itself a token is one lookup, by its text; the others go through BPE,
         all together (`merge_pieces`), the few longer than LONG_PIECE bytes one by one.
         The ids of all pieces come back as one array, turned into one str at
         once and cut into each chunk's str (no list and no join per chunk).
