@@ -99,7 +99,7 @@ class Splitter:
             return [self._slow(text)]
         blocks, pos, slow = [[]], 0, self._slow
         if not text.isascii():
-            for run in _UNCOVERED.finditer(text):
+            for run in _uncovered_runs(text):
                 if run.start() >= pos:  # else it is inside the last stretch given to `regex`
                     start = _safe_point_before(text, run.start(), pos)
                     self._fast_blocks(text, pos, start, blocks)
@@ -163,7 +163,14 @@ def greedy(pattern):
 
 _POSSESSIVE = re.compile(r"(?<!\\)([+*?]|\{\d+(?:,\d*)?\})\+")
 
-_UNCOVERED = regex.compile(f"[^{COVERED}]+")  # `regex` finds these ~10x faster than `re` (1 MB: 1 ms)
+_UNCOVERED = regex.compile(f"[^{COVERED}]+")  # `regex` finds these 3x faster than `re`
+_NON_ASCII = regex.compile(r"[^\x00-\x7f]+")  # and these 3x faster still (1 MB of English: 0.8 ms)
+
+
+def _uncovered_runs(text):
+    """The runs of characters that are not covered, as matches: looked for only inside the non-ASCII runs."""
+    for run in _NON_ASCII.finditer(text):
+        yield from _UNCOVERED.finditer(text, run.start(), run.end())
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _VISIBLE = frozenset(map(chr, range(33, 127)))  # "!" to "~": ASCII, not whitespace
 
