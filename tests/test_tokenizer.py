@@ -419,7 +419,8 @@ def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
 
 def test_cold_and_warm_encoding_agree_with_per_chunk_bpe(tok):
     # a fresh tokenizer encodes all new chunks of a text together (encode_pieces): the same ids
-    text = " ".join(f"w{k}x{k * 7 % 13}zq{k % 5}" for k in range(300)) + CORPUS
+    # (with chunks longer than LONG_PIECE among them, which go one by one)
+    text = " ".join(f"w{k}x{k * 7 % 13}zq{k % 5}" for k in range(300)) + CORPUS + " " + "ab" * 300 + " " + "=" * 300
     fresh = Tokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens)
     expected = [i for chunk in fresh.split(text) for i in _simple_bpe(chunk.encode(), tok._ranks)]
     assert fresh.encode_ordinary(text) == expected  # cold

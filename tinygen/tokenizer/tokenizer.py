@@ -266,19 +266,26 @@ class Tokenizer(TiktokenMethods):
         The ids of all pieces come back as one array, turned into one str at
         once and cut into each chunk's str (no list and no join per chunk).
         """
+        if len(chunks) < 64:  # a short text: a plain loop costs less than setting up the passes below
+            for chunk in chunks:
+                i = self._text_ids.get(chunk)
+                cache[chunk] = chr(i) if i is not None else "".join(map(chr, encode_piece(chunk.encode(), self._ranks)))
+            return
         chunks = list(chunks)
         ids = list(map(self._text_ids.get, chunks))
         known = list(map(operator.is_not, ids, repeat(None)))  # the chunk is one token
         cache.update(zip(compress(chunks, known), map(chr, compress(ids, known))))  # in C: no loop per chunk
         chunks = list(compress(chunks, map(operator.not_, known)))
         pieces = list(map(str.encode, chunks))  # UTF-8
-        if pieces and max(map(len, pieces)) > LONG_PIECE:
-            for chunk, piece in zip(chunks, pieces):
-                if len(piece) > LONG_PIECE:
-                    cache[chunk] = "".join(map(chr, encode_piece(piece, self._ranks)))
-            short = [len(p) <= LONG_PIECE for p in pieces]
-            chunks, pieces = list(compress(chunks, short)), list(compress(pieces, short))
-        if pieces:
+        if len(pieces) < 64:  # a few (a short text): NumPy's set-up would cost more than it saves
+            alone = [True] * len(pieces)
+        else:  # the long ones: encode_piece's heap
+            alone = [len(p) > LONG_PIECE for p in pieces]
+        for chunk, piece in zip(compress(chunks, alone), compress(pieces, alone)):
+            cache[chunk] = "".join(map(chr, encode_piece(piece, self._ranks)))
+        if not all(alone):
+            together = list(map(operator.not_, alone))
+            chunks, pieces = list(compress(chunks, together)), list(compress(pieces, together))
             which, ids, lens = merge_pieces(pieces, self._ranks, self._token_bytes, table=self._pairs)
             chars = ids.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
             ends = np.cumsum(lens)
