@@ -10,7 +10,9 @@ once; "code": the standard library's .py sources), first 10^6 bytes of each:
 a fresh GPT-2 tinygen Tokenizer, tiktoken's gpt2 `encode_ordinary`, and the
 split alone (`regex.findall` with GPT-2's pattern), each in its own process,
 interleaved per round; each process keeps the best of `--repeat` encodes, each
-with a fresh tokenizer (an empty chunk cache). Ratios are speeds (MB/s over
+with a fresh tokenizer (an empty chunk cache), made untimed from the loaded
+one's ranks: like every Tokenizer with those ranks it shares the vocabulary's
+tables (PairTable, token texts), built once per process by the load (~0.1 s). Ratios are speeds (MB/s over
 MB/s), paired per round: tinygen/tiktoken, split/tiktoken, tinygen/split.
 `--base DIR` also times DIR's tinygen (another checkout, e.g. `git worktree
 add DIR <commit>` or `git archive <commit> tinygen | tar -x -C DIR`) in the

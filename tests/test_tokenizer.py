@@ -10,9 +10,11 @@ import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinygen.tokenizer.bpe import LONG_PIECE, _encode_long, encode_piece, encode_pieces, train_merges
+from tinygen.tokenizer.bpe import (LONG_PIECE, NO_PAIR, PairTable, _encode_long, encode_piece, encode_pieces,
+                                   train_merges)
 from tinygen.errors import TinygenError
-from tinygen.tokenizer.split import Splitter, _safe_point_after, _safe_point_before, greedy, splitter
+from tinygen.tokenizer.split import (COVERED_CODES, Splitter, _covered_twin, _safe_point_after, _safe_point_before,
+                                     greedy, splitter)
 from tinygen.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 from tinygen.tokenizer.files import escape_token as _escape, unescape_token as _unescape
 
@@ -111,7 +113,8 @@ def test_chunks_concatenate_back(s):
 
 
 MIXED = st.lists(st.sampled_from(list("ab1Z9 \n\n\r\t'.:)") + ["é", "日", "😀", "\u00a0", "\u3000", "\x85",
-                                                                 "\u2028", "'ſ", "\u0301", "١", "\x1c"]),
+                                                                 "\u2028", "'ſ", "\u0301", "١", "\x1c", "ψ", "’",
+                                                                 "“", "©", "–", "²", "\u2009"]),
                  max_size=60).map("".join)
 
 
@@ -127,11 +130,13 @@ def test_fast_split_equals_regex(s, pattern, block, possessive):
 
 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
-def test_fast_split_cuts_at_spaces_next_to_non_ascii(pattern):
-    # only the words around a non-ASCII character go to `regex`; the cuts are spaces after a visible
-    # ASCII character, or newlines after a letter or digit, wherever they fall next to other text
-    cases = ["ab é", "x  é", "( é", "'s é", "I'll é", "a\n é", "é b", "a é b c", "1 é", "! é", "é", "é ",
-             " é", "a\t é", "a\r\n é", "x!\né", "x\n\né", "a \u00a0é", "é\u00a0 b", "a.\n\n é\n", "9\n é"]
+def test_fast_split_cuts_at_spaces_next_to_uncovered_characters(pattern):
+    # only the words around a character that the `re` twin does not cover (here the letter ψ) go to
+    # `regex`; the cuts are spaces after a visible ASCII character, or newlines after a letter or digit,
+    # wherever they fall next to other text
+    cases = ["ab ψ", "x  ψ", "( ψ", "'s ψ", "I'll ψ", "a\n ψ", "ψ b", "a ψ b c", "1 ψ", "! ψ", "ψ", "ψ ",
+             " ψ", "a\t ψ", "a\r\n ψ", "x!\nψ", "x\n\nψ", "a \u00a0ψ", "ψ\u00a0 b", "a.\n\n ψ\n", "9\n ψ",
+             "é ψ", "’ ψ", "ψ’s", "a\u2028 ψ"]
     split = Splitter(pattern, 4)
     for case in cases:
         for text in (case, "word " * 3 + case + " more words\n" * 3):
@@ -142,10 +147,23 @@ def test_fast_split_cuts_at_spaces_next_to_non_ascii(pattern):
 
 
 def test_fast_split_keeps_blocks_large():
-    text = ("The caf\u00e9 is open. " * 20 + "\n") * 200  # a non-ASCII character on every line
+    text = ("The \u03c8 caf\u00e9 is open. " * 20 + "\n") * 200  # a character `re` does not cover on every line
     blocks = Splitter(GPT2_PATTERN, 1 << 12)(text)
     assert [c for b in blocks for c in b] == regex.findall(GPT2_PATTERN, text)
     assert len(blocks) < len(text) / (1 << 12) * 2  # stretches are gathered into blocks, not one per word
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+@pytest.mark.parametrize("possessive", [None, False])
+def test_covered_twin_on_every_covered_character(pattern, possessive):
+    # the `re` twin is exact on text of covered characters: each of them, in contexts that exercise
+    # every alternative of both patterns (words, digits, punctuation, contractions, whitespace runs)
+    twin = _covered_twin(pattern, possessive)
+    contexts = ["a{c}b", " {c}{c} ", "'{c}", "{c}'s", "'s{c}", "1{c}2", "x {c}\n", "{c}  \n", "\n{c}\r\n",
+                "{c}", " {c}", "{c}  x", ".{c}.", "{c}\t", "123{c}45", "{c}ll {c}VE"]
+    for c in map(chr, COVERED_CODES):
+        text = "|".join(ctx.format(c=c) for ctx in contexts)
+        assert twin.findall(text) == regex.findall(pattern, text), hex(ord(c))
 
 
 def test_greedy_twin_of_the_possessive_patterns():
@@ -363,6 +381,33 @@ def test_encode_pieces_equals_one_piece_at_a_time(ranks, pieces, finish_below):
     assert [encode_piece(p, ranks) for p in pieces] == expected
 
 
+@given(rank_tables())
+def test_pair_table_finds_every_token_made_of_two(ranks):
+    # PairTable answers "is token_bytes[left] + token_bytes[right] a token, of which rank?" as the bytes
+    # lookup does, for every pair of tokens (not only the merges that built them) and every pair of bytes
+    table, token_bytes = PairTable(ranks), token_bytes_of(ranks)
+    ids = np.array(sorted(ranks.values()))
+    left, right = np.repeat(ids, len(ids)), np.tile(ids, len(ids))
+    expected = [ranks.get(token_bytes[a] + token_bytes[b], NO_PAIR) for a, b in zip(left.tolist(), right.tolist())]
+    assert table.ranks(left, right).tolist() == expected
+    pairs = [ranks.get(bytes([a, b]), NO_PAIR) for a in range(256) for b in range(256)]
+    assert table.byte_pairs.tolist() == pairs
+
+
+def test_pair_table_limits_and_sharing(tok):
+    with pytest.raises(ValueError, match="below 2"):
+        PairTable({b"a": 1 << 21})
+    # the table is built once per vocabulary and shared; the chunk cache is each tokenizer's own
+    # (among the last few vocabularies built: other tests may have pushed `tok`'s out)
+    first = Tokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens)
+    fresh = Tokenizer(dict(tok.mergeable_ranks), tok.pattern, tok.special_tokens)
+    assert fresh._pairs is first._pairs and fresh._cache is not first._cache
+    first.encode_ordinary("cached words here")
+    assert fresh._cache == {} and first._cache
+    other = Tokenizer({bytes([b]): b for b in range(256)}, "gpt2")
+    assert other._pairs is not tok._pairs and len(other._pairs.keys) == 1  # no token of two: only the sentinel
+
+
 def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
     words = sorted(set(regex.findall(r" ?\w+", CORPUS)))
     pieces = [(w + v).encode() for w in words for v in ("", "ing", "s the")] + [b"x" * LONG_PIECE, bytes(range(200))]
@@ -374,7 +419,8 @@ def test_encode_pieces_on_a_trained_vocabulary_and_its_limits(tok):
 
 def test_cold_and_warm_encoding_agree_with_per_chunk_bpe(tok):
     # a fresh tokenizer encodes all new chunks of a text together (encode_pieces): the same ids
-    text = " ".join(f"w{k}x{k * 7 % 13}zq{k % 5}" for k in range(300)) + CORPUS
+    # (with chunks longer than LONG_PIECE among them, which go one by one)
+    text = " ".join(f"w{k}x{k * 7 % 13}zq{k % 5}" for k in range(300)) + CORPUS + " " + "ab" * 300 + " " + "=" * 300
     fresh = Tokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens)
     expected = [i for chunk in fresh.split(text) for i in _simple_bpe(chunk.encode(), tok._ranks)]
     assert fresh.encode_ordinary(text) == expected  # cold
