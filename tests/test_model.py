@@ -331,3 +331,20 @@ def test_bidirectional_model_sees_the_future():
     assert not np.allclose(model.forward(idx)[:, 0], model.forward(later)[:, 0])
     causal = GPT(dataclasses.replace(config, causal=True), params=model.params)
     assert np.array_equal(causal.forward(idx)[:, 0], causal.forward(later)[:, 0])
+
+
+def test_backward_can_free_the_activations_as_it_goes_and_then_refuses_the_spent_cache():
+    """free_activations gives the same gradients, empties the blocks' caches, and a second
+    backward through the spent cache raises instead of computing without them."""
+    config = dataclasses.replace(SMALL, n_layer=2)
+    model = GPT(config, seed=0)
+    idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, 5))
+    logits, cache = gpt_forward(model.params, idx, config)
+    dlogits = np.random.default_rng(1).normal(size=logits.shape).astype(logits.dtype)
+    kept = gpt_backward(dlogits, cache)
+    again = gpt_backward(dlogits, cache)  # the default keeps the cache usable
+    freed = gpt_backward(dlogits, cache, free_activations=True)
+    assert all(np.array_equal(kept[k], again[k]) and np.array_equal(kept[k], freed[k]) for k in kept)
+    assert cache.blocks == [None, None]
+    with pytest.raises(TinygenError, match="freed by an earlier"):
+        gpt_backward(dlogits, cache)

@@ -171,7 +171,7 @@ class GPT:
         loss, ce = cross_entropy_forward(logits, targets)
         (dlogits,) = cross_entropy_backward(scale, ce)
         del logits, ce  # two (B,T,V) arrays the backward never reads: 206 MB per 2-row shard of GPT-2 small
-        grads = gpt_backward(dlogits, cache)
+        grads = gpt_backward(dlogits, cache, free_activations=True)  # nobody else holds this cache
         aux = {}
         for name, value in cache.aux:
             aux[name] = aux.get(name, 0.0) + value

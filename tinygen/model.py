@@ -213,16 +213,26 @@ def gpt_forward(params, idx, config: GPTConfig, parts: Optional[Parts] = None, r
     return logits, GPTCache(ctx.parts, embed, wpe, drop, blocks, T_in - T, ln_f, head, ctx.aux, ctx.stats)
 
 
-def gpt_backward(dlogits, cache: GPTCache) -> dict:
+def gpt_backward(dlogits, cache: GPTCache, free_activations: bool = False) -> dict:
     """dlogits (B,T,V) -> grads, a dict with every parameter's name and shape.
 
     wte is used twice (input embedding and LM head), so its gradient is the
     sum of both uses: the one explicit `+=` of tied weights.
 
+    free_activations: drop each block's cache as soon as its backward has run,
+    as PyTorch's backward frees its graph, so the activations shrink while the
+    gradients grow instead of both being held at the end (GPT.loss_and_grads
+    does; GPT-2 small at B = 4: the training step's peak RSS 4122 -> 3686 MiB,
+    benchmarks/bench_train.py --configs L). The cache
+    is then spent: a second backward through it raises.
+
     The head's backward is written out rather than linear_backward's: that
     would give d(wte^T), (C, V), whose transpose added into the (V, C)
     gradient strides through memory (94 ms against 19 ms for a contiguous
     add, one thread, L's 50257 x 768 at B = 2), and sum a bias the head does not have."""
+    if any(block is None for block in cache.blocks):
+        raise TinygenError("gpt_backward: this cache's activations were freed by an earlier "
+                           "gpt_backward(..., free_activations=True); run gpt_forward again")
     x_head, wte_t = cache.head  # ln_f out (B,T,C), wte^T (C,V)
     d2 = dlogits.reshape(-1, dlogits.shape[-1])  # (B*T, V)
     dx = (d2 @ wte_t.T).reshape(x_head.shape)  # (B,T,C)
@@ -232,9 +242,11 @@ def gpt_backward(dlogits, cache: GPTCache) -> dict:
     if cache.extra:  # the prepended positions get no gradient from the head
         B, T, C = dx.shape
         dx = np.concatenate([np.zeros((B, cache.extra, C), dx.dtype), dx], axis=1)  # (B,T',C)
-    for block in reversed(cache.blocks):
-        dx, g_block = block_backward(dx, block)
+    for i in reversed(range(len(cache.blocks))):
+        dx, g_block = block_backward(dx, cache.blocks[i])
         g.update(g_block)
+        if free_activations:
+            cache.blocks[i] = None  # block i's activations are no longer needed
     (dx,) = dropout_backward(dx, cache.drop)
     (g["wpe.weight"],) = embedding_backward(dx.sum(axis=0), cache.wpe)  # positions are shared by the batch
     _, g_embed = cache.parts.embed.backward(dx, cache.embed)
