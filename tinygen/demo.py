@@ -90,9 +90,10 @@ class DemoConfig:
 TINY = dict(vocab_size=300, block_size=96, n_layer=1, n_head=2, n_embd=32, corpus_bytes=150_000,
             tokenizer_bytes=50_000, pretrain_steps=30, pretrain_batch=4, finetune_steps=8, finetune_batch=4,
             eval_examples=8, accuracy_examples=2, train_examples=100)
-# About an hour on 2 cores, estimated from the default's step time (not yet measured): a model of
-# ~3M parameters (3.2x the default's per step), 3.3x the pretraining steps on twice the corpus,
-# 3.2x the fine-tuning steps, and three times the decoded test examples (narrower intervals).
+# About an hour on 2 cores (measured 1h20m on a machine shared with other work, load 3-7; its
+# uncontended steps put it at ~1 hour; docs/transfer.md): a model of ~3M parameters, 3.3x the
+# pretraining steps on twice the corpus, 3.2x the fine-tuning steps, and three times the decoded
+# test examples (narrower intervals).
 LONG = dict(vocab_size=2048, n_layer=6, n_head=6, n_embd=192, corpus_bytes=16_000_000, tokenizer_bytes=2_000_000,
             pretrain_steps=6000, finetune_steps=800, eval_examples=400, accuracy_examples=150)
 PRESETS = {"default": {}, "tiny": TINY, "long": LONG}
