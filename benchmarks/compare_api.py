@@ -62,8 +62,10 @@ def tinygen_child(config: str, steps: int, warmup: int, seed: int = 0) -> dict:
     train_ms, (loss, _), samples = timed_loop(lambda: model.loss_and_grads(x, y), steps, warmup)
     rss = common.peak_rss_mib()
     eval_ms, eval_loss, _ = timed_loop(lambda: model.loss(x, y), steps, warmup)
-    with model.workers_for(x.shape[0]) as pool:
-        workers = pool.n
+    workers = None  # a tinygen from before the sharded API (benchmarking an old checkout) has no workers_for
+    if hasattr(model, "workers_for"):
+        with model.workers_for(x.shape[0]) as pool:
+            workers = pool.n
     return {"config": config, "side": "tinygen", "train_ms": train_ms, "eval_ms": eval_ms, "loss": float(loss),
             "eval_loss": float(eval_loss), "samples_ms": samples, "peak_rss_mib": rss, "workers": workers}
 

@@ -12,9 +12,10 @@ The math is model.gpt_forward / gpt_backward; this class checks inputs at
 the boundary and connects the pure functions to sampling, checkpoints and the loader of run
 directories, which is why it sits above them (they never import it).
 
-Fast by default: forward, loss, loss_and_grads and generate split a batch's
-rows into one shard per core and run the shards on threads
-(tinygen.sharding), with nothing to call first. `workers=` pins the count
+Fast by default: forward, loss and loss_and_grads split a batch's rows into
+one shard per core and run the shards on threads (tinygen.sharding), with
+nothing to call first; generate decodes in one stream unless given workers=
+(shards measured slower for decoding: sampling.generate). `workers=` pins the count
 (1: one stream, exactly the pure functions); the same count gives
 bit-identical results run after run, and any count equals one stream to
 rounding. The process-wide settings this touches are in
@@ -92,7 +93,7 @@ class GPT:
 
     def generate(self, idx, max_new_tokens, **options) -> np.ndarray:
         """Continue each row of idx (B,T) by max_new_tokens ids; see tinygen.sampling.generate.
-        Rows are sharded over the cores (options: workers=)."""
+        One stream by default (it measured faster than shards for decoding); workers=N shards the rows."""
         reuse_freed_memory_by_default()
         return generate(self, idx, max_new_tokens, **options)
 

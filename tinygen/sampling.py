@@ -338,10 +338,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     ids; a stop string can still end a row earlier). A greedy completion that
     would be empty because end-of-text wins the first step gets
     min_new_tokens=1 tokens instead.
-    workers: shards of rows decoded at once (None: model.workers_for's default, one per
-    core; 1: one stream). Greedy rows come out the same for any count (to the rounding
-    of the logits); sampled rows draw from generators spawned from `seed` per shard, so
-    they are reproducible for a given count but differ between counts.
+    workers: shards of rows decoded at once, each on its own thread with a one-thread BLAS
+    (None or 1: one stream, BLAS with its own threads). One stream is the default because it
+    measured faster: a decoding step is many small calls (Python between them holds the GIL,
+    so threads queue for it) or, for a large model, one read of every weight per shard
+    (benchmarks/compare_api.py, batch 8: two shards ran at 0.44x one stream's tokens/s on S,
+    0.80x on M, 0.72x on GPT-2 small at batch 4). Greedy rows come out the same for any
+    count (to the rounding of the logits); sampled rows draw from generators spawned from
+    `seed` per shard, reproducible for a given count but different between counts.
     """
     prompt = check_prompt(model, idx)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -351,7 +355,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, use_cache=use_cache, window_keep=window_keep,
                    min_new_tokens=min_new_tokens, stop_ids=stop_ids, stop_texts=stop_texts, tokenizer=tokenizer)
-    with model.workers_for(prompt.shape[0], workers) as pool:
+    with model.workers_for(prompt.shape[0], 1 if workers is None else workers) as pool:
         rows = shard_rows(prompt.shape[0], pool.n)
         seeds = [seed] if len(rows) == 1 else spawn_rngs(make_rng(seed), len(rows))
         shards = pool.map(lambda job: _decode_rows(model, prompt[job[0]], max_new_tokens, seed=job[1], **options),
