@@ -10,7 +10,7 @@ from tinygen.config import GPTConfig
 from tinygen.gpt import GPT
 from tinygen.loss import IGNORE
 from tinygen.plumbing.parallel import Workers
-from tinygen.sharding import add_into, shard_rows, shard_weights, spawn_rngs
+from tinygen.sharding import ShardSum, shard_rows, shard_weights, spawn_rngs
 
 V = 13
 
@@ -113,16 +113,23 @@ def test_sharded_generate_equals_one_stream(B, workers, seed):
     np.testing.assert_array_equal(sampled, model.generate(prompt, 6, seed=seed, workers=workers))
 
 
-def test_add_into_sums_every_key_in_place():
-    total = {"a": np.ones(3), "b": np.zeros((2, 2)), "c": np.full(1, 2.0)}
-    other = {"a": np.arange(3.0), "b": np.ones((2, 2)), "c": np.ones(1)}
-    arrays = dict(total)
-    with Workers(2) as workers:
-        out = add_into(total, other, workers)
-    assert out is total and all(out[k] is arrays[k] for k in arrays)  # no new buffers
-    np.testing.assert_array_equal(out["a"], [1, 2, 3])
-    np.testing.assert_array_equal(out["b"], np.ones((2, 2)))
-    np.testing.assert_array_equal(out["c"], [3.0])
+@given(st.permutations(range(6)), st.integers(0, 2**16))
+def test_shard_sum_adds_in_shard_order_whatever_order_the_blocks_arrive(order, seed):
+    """3 shards x 2 blocks arriving in any order: the sum is g_0 + g_1 + g_2, bit for bit,
+    into shard 0's array, and nothing is left waiting."""
+    rng = np.random.default_rng(seed)
+    grads = [{"a": rng.normal(size=4).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+             for _ in range(3)]
+    want = {k: (grads[0][k] + grads[1][k]) + grads[2][k] for k in grads[0]}
+    given_arrays = [dict(g) for g in grads]
+    summed = ShardSum(3)
+    for i in order:  # arrival i: shard i // 2, block "a" or "b"
+        name = "ab"[i % 2]
+        summed.add(i // 2, {name: grads[i // 2][name]})
+    assert set(summed.total) == {"a", "b"} and not summed._waiting
+    for k in want:
+        np.testing.assert_array_equal(summed.total[k], want[k])
+        assert summed.total[k] is given_arrays[0][k]  # shard 0's array, no new buffer
 
 
 def test_spawned_generators_are_independent_and_reproducible():

@@ -94,8 +94,8 @@ def _attention_no_scale(patch):
 def _tied_head_missing(patch):
     gpt_backward = model.gpt_backward
 
-    def without_head(dlogits, cache, free_activations=False):
-        g = gpt_backward(dlogits, cache, free_activations)
+    def without_head(dlogits, cache, free_activations=False, emit=None):
+        g = gpt_backward(dlogits, cache, free_activations, emit)
         x = cache.head.x  # (B, T, C) the head's input, ln_f's output
         g["wte.weight"] -= dlogits.reshape(-1, dlogits.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (V, C)
         return g
@@ -106,8 +106,8 @@ def _tied_head_missing(patch):
 def _wpe_mean(patch):
     gpt_backward = model.gpt_backward
 
-    def wpe_averaged(dlogits, cache, free_activations=False):
-        g = gpt_backward(dlogits, cache, free_activations)
+    def wpe_averaged(dlogits, cache, free_activations=False, emit=None):
+        g = gpt_backward(dlogits, cache, free_activations, emit)
         g["wpe.weight"] /= dlogits.shape[0]  # dx.mean(axis=0) instead of dx.sum(axis=0)
         return g
 

@@ -166,13 +166,15 @@ class GPT:
             stats.update(measured)
         return (loss, grads, aux) if return_aux else (loss, grads)
 
-    def _loss_and_grads_one(self, idx, targets, rng, scale):
-        """One stream: -> (loss with aux, grads of scale * loss, aux {name: value}, stats)."""
+    def _loss_and_grads_one(self, idx, targets, rng, scale, emit=None):
+        """One stream: -> (loss with aux, grads of scale * loss, aux {name: value}, stats).
+        emit: gpt_backward's (tinygen.sharding hands each block's gradients to its ShardSum)."""
         logits, cache = gpt_forward(self.params, idx, self.config, self.parts, rng=rng, aux_scale=scale)
         loss, ce = cross_entropy_forward(logits, targets)
+        del logits  # (B,T,V), 103 MB per 2-row shard of GPT-2 small: ce holds the probabilities
         (dlogits,) = cross_entropy_backward(scale, ce)
-        del logits, ce  # two (B,T,V) arrays the backward never reads: 206 MB per 2-row shard of GPT-2 small
-        grads = gpt_backward(dlogits, cache, free_activations=True)  # nobody else holds this cache
+        del ce  # the probabilities: the backward below reads dlogits only
+        grads = gpt_backward(dlogits, cache, free_activations=True, emit=emit)  # nobody else holds this cache
         aux = {}
         for name, value in cache.aux:
             aux[name] = aux.get(name, 0.0) + value

@@ -213,7 +213,7 @@ def gpt_forward(params, idx, config: GPTConfig, parts: Optional[Parts] = None, r
     return logits, GPTCache(ctx.parts, embed, wpe, drop, blocks, T_in - T, ln_f, head, ctx.aux, ctx.stats)
 
 
-def gpt_backward(dlogits, cache: GPTCache, free_activations: bool = False) -> dict:
+def gpt_backward(dlogits, cache: GPTCache, free_activations: bool = False, emit=None) -> dict:
     """dlogits (B,T,V) -> grads, a dict with every parameter's name and shape.
 
     wte is used twice (input embedding and LM head), so its gradient is the
@@ -225,6 +225,10 @@ def gpt_backward(dlogits, cache: GPTCache, free_activations: bool = False) -> di
     does; GPT-2 small at B = 4: the training step's peak RSS 4122 -> 3686 MiB,
     benchmarks/bench_train.py --configs L). The cache
     is then spent: a second backward through it raises.
+
+    emit: called with each block's gradients ({name: array}) as soon as that block's
+    backward has run; those then are not in the returned dict (the sharded API sums
+    the shards' block gradients while the backward goes on: tinygen.sharding.ShardSum).
 
     The head's backward is written out rather than linear_backward's: that
     would give d(wte^T), (C, V), whose transpose added into the (V, C)
@@ -244,7 +248,10 @@ def gpt_backward(dlogits, cache: GPTCache, free_activations: bool = False) -> di
         dx = np.concatenate([np.zeros((B, cache.extra, C), dx.dtype), dx], axis=1)  # (B,T',C)
     for i in reversed(range(len(cache.blocks))):
         dx, g_block = block_backward(dx, cache.blocks[i])
-        g.update(g_block)
+        if emit is None:
+            g.update(g_block)
+        else:
+            emit(g_block)
         if free_activations:
             cache.blocks[i] = None  # block i's activations are no longer needed
     (dx,) = dropout_backward(dx, cache.drop)
