@@ -8,10 +8,10 @@
 One step = the training loop's: forward + backward of the batch's shards on
 `--workers` threads, summed into the optimizer's flat grad buffer
 (`train.accumulate_grads`), then `opt.clip_grads` and `opt.step`, each timed
-on its own. `--malloc reuse` (the default) first calls
-tinygen.plumbing.memory.reuse_freed_memory, as the `tinygen` command does;
-`--malloc default` leaves glibc's malloc as it is, as a library caller that
-does not opt in gets it; `--malloc both` runs each config both ways. Forward alone (training mode, caches
+on its own. `--malloc reuse` (the default) runs as tinygen does by default
+(tinygen.plumbing.memory.reuse_freed_memory at the first computation);
+`--malloc default` sets TINYGEN_MALLOC=default in the child, as a caller
+who opts out does, so glibc's malloc stays as it is; `--malloc both` runs each config both ways. Forward alone (training mode, caches
 kept) is timed in extra calls interleaved with the steps, so bwd = (fwd+bwd) - fwd.
 Each config runs in its own process (per-config peak RSS), `--rounds` times
 interleaved (S M S M ...); the table shows medians of the per-process
@@ -43,14 +43,16 @@ class Step:
     """
 
     def __init__(self, cfg: dict, seed: int, workers: int, reuse_memory: bool = True):
-        from tinygen.plumbing.memory import reuse_freed_memory
+        from tinygen.plumbing.memory import OPT_OUT, reuse_freed_memory
         from tinygen.gpt import GPT
         from tinygen.optim import AdamW
         from tinygen.plumbing.parallel import Workers, default_workers, ranges
         from tinygen.train import TrainConfig
 
         if reuse_memory:
-            reuse_freed_memory()  # as the tinygen command does (the library leaves malloc alone)
+            reuse_freed_memory()  # what tinygen's first computation would do anyway
+        else:
+            os.environ[OPT_OUT[0]] = OPT_OUT[1]  # the caller's opt-out, read at tinygen's first computation
         self.model = GPT(common.gpt_config(cfg), seed)
         self.idx, self.targets = common.make_batch(cfg, seed)
         B = cfg["batch_size"]
@@ -201,8 +203,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0,
                    help="threads running batch shards, as `tinygen pretrain --workers` (default 0: one per core)")
     p.add_argument("--malloc", choices=["reuse", "default", "both"], default="reuse",
-                   help="reuse: call reuse_freed_memory first, as the tinygen command does (default); default: "
-                   "glibc's own settings, as a library caller gets unless it opts in; both: each config both ways")
+                   help="reuse: tinygen's default, reuse_freed_memory (default); default: glibc's own settings, as with "
+                   "TINYGEN_MALLOC=default; both: each config both ways")
     p.add_argument("--no-fwd-split", action="store_true", help="skip the extra forward-only calls")
     p.add_argument("--profile", action="store_true", help="cProfile a few steps per config instead of timing")
     p.add_argument("--top", type=int, default=25, help="rows of the --profile listing")

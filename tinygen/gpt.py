@@ -94,7 +94,6 @@ class GPT:
     def generate(self, idx, max_new_tokens, **options) -> np.ndarray:
         """Continue each row of idx (B,T) by max_new_tokens ids; see tinygen.sampling.generate.
         One stream by default (it measured faster than shards for decoding); workers=N shards the rows."""
-        reuse_freed_memory_by_default()
         return generate(self, idx, max_new_tokens, **options)
 
     def workers_for(self, batch_size: int, workers: Optional[int] = None) -> Workers:

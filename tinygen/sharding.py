@@ -21,8 +21,8 @@ to "only rounding": each shard draws its masks from its own generator,
 spawned from the caller's, so the masks depend on W (the distribution does
 not).
 
-Who uses it: the public API (GPT.forward, loss, loss_and_grads, generate)
-shards by default; the training loop (tinygen.train) computes the same
+Who uses it: the public API (GPT.forward, loss, loss_and_grads) shards by
+default, generate when given workers=; the training loop (tinygen.train) computes the same
 weights with `shard_weights` but sums the shards' gradients straight into
 the optimizer's buffer.
 
