@@ -7,7 +7,8 @@
 
 One step = the training loop's: forward + backward of the batch's shards on
 `--workers` threads, summed into the optimizer's flat grad buffer
-(`train.accumulate_grads`), then `opt.clip_grads` and `opt.step`, each timed
+(`train.accumulate_grads`), then the gradient norm (`opt.grad_norm`, the "clip"
+column) and `opt.step` with clipping folded into AdamW's pass, each timed
 on its own. `--malloc reuse` (the default) runs as tinygen does by default
 (tinygen.plumbing.memory.reuse_freed_memory at the first computation);
 `--malloc default` sets TINYGEN_MALLOC=default in the child, as a caller
@@ -38,7 +39,8 @@ class Step:
 
         fwdbwd()    train.accumulate_grads: the shards' forward + backward on the
                     worker threads, summed into the optimizer's flat grad buffer
-        optimize()  opt.clip_grads, then opt.step -> (clip_s, adamw_s)
+        optimize()  opt.grad_norm, then opt.step clipping inside the update, as the
+                    training loop does -> (norm_s, adamw_s)
         forward()   the shards' forward + loss alone (caches kept, as before a backward)
     """
 
@@ -71,10 +73,12 @@ class Step:
                                 config=self.config, step=0)
 
     def optimize(self):
+        from tinygen.optim import clip_coef
+
         t0 = time.perf_counter()
-        self.opt.clip_grads(common.CLIP)
+        norm = self.opt.grad_norm()
         t1 = time.perf_counter()
-        self.opt.step(lr=common.LR)
+        self.opt.step(lr=common.LR, grad_scale=clip_coef(norm, common.CLIP))
         return t1 - t0, time.perf_counter() - t1
 
     def forward(self) -> float:

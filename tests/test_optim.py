@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinygen.errors import TinygenError
-from tinygen.optim import CHUNK, AdamW, FlatParams, clip_grad_norm, global_norm, lr_at
+from tinygen.optim import CHUNK, AdamW, FlatParams, clip_coef, clip_grad_norm, global_norm, lr_at
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
 
@@ -196,6 +196,44 @@ def test_sum_grads_sums_shard_dicts_by_ranges_into_the_buffer(n_workers):
     reference = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, trainable=trainable)
     reference.step(clipped)
     assert np.array_equal(opt.flat.buffer, reference.flat.buffer)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])  # clipped, and left alone (coef 1)
+def test_step_with_grad_scale_is_clip_grads_then_step(n_workers, max_norm):
+    """The training loop's step(grad_scale=clip_coef(grad_norm(), max_norm)) scales each piece
+    of the buffer inside the update: the same bits as clip_grads(max_norm) then step(), buffer
+    left clipped too."""
+    from tinygen.plumbing.parallel import Workers
+
+    rng = np.random.default_rng(13)
+    params = make_params(rng, np.float32)
+    grads = [make_grads(rng, params) for _ in range(3)]
+    with Workers(n_workers) as workers:
+        fused = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, workers=workers)
+        apart = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, workers=workers)
+        for g in grads:
+            fused.sum_grads([g])
+            norm = fused.grad_norm()
+            fused.step(lr=1e-2, grad_scale=clip_coef(norm, max_norm))
+            apart.sum_grads([g])
+            assert apart.clip_grads(max_norm) == norm
+            apart.step(lr=1e-2)
+            assert np.array_equal(fused.grad_buffer, apart.grad_buffer)
+            assert np.array_equal(fused.flat.buffer, apart.flat.buffer)
+    assert clip_coef(norm, max_norm) == (1.0 if max_norm > norm else max_norm / (norm + 1e-6))
+
+
+def test_step_names_a_bad_grad_scale_and_changes_nothing():
+    params = make_params(np.random.default_rng(14), np.float32)
+    opt = AdamW(params, lr=1e-2)
+    before = opt.flat.buffer.copy()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(TinygenError, match="grad_scale must be a positive finite number"):
+            opt.step(make_grads(np.random.default_rng(15), params), grad_scale=bad)
+    assert opt.t == 0 and np.array_equal(opt.flat.buffer, before)
+    with pytest.raises(TinygenError, match="max_norm must be > 0"):
+        clip_coef(1.0, 0.0)
 
 
 def test_sum_grads_names_a_missing_or_mismatched_gradient():

@@ -182,8 +182,8 @@ class _NoBiasCorrection:
 def _adam_no_bias_correction(patch):
     update = optim.AdamW._update
 
-    def _update(self, start, stop, lr):  # m / (sqrt(v) + eps), not mhat / (sqrt(vhat) + eps)
-        update(_NoBiasCorrection(self), start, stop, lr)
+    def _update(self, start, stop, lr, grad_scale=1.0):  # m / (sqrt(v) + eps), not mhat / (sqrt(vhat) + eps)
+        update(_NoBiasCorrection(self), start, stop, lr, grad_scale)
 
     patch(optim.AdamW, "_update", _update)
 

@@ -82,10 +82,13 @@ def embedding_backward(dout, cache):
 
 
 # ------------------------------------------------------- cache-sized pieces
-PIECE = 1 << 16  # elements per piece of an elementwise chain: a piece of each operand (256 KiB in
+PIECE = 1 << 17  # elements per piece of an elementwise chain: a piece of each operand (512 KiB in
 #                  float32) stays in the core's L2 cache (2 MiB) through every step of the chain.
-#                  Smaller pieces pay NumPy's ~1 us per call more often: GELU's forward on M took
-#                  10 / 7.5 / 7 ms of CPU in pieces of 2^14 / 2^15 / 2^16
+#                  Smaller pieces pay more NumPy calls: ~1 us each on one thread, but ~10 us each when
+#                  two shard threads take turns at the GIL that every call releases and takes back.
+#                  GELU forward + backward on M's shard (4, 256, 1536), ms per call, one thread / two
+#                  threads at once: 3.9 / 9.5 in pieces of 2^15, 3.9 / 6.9 in 2^16, 3.7 / 4.9 in 2^17,
+#                  4.8 / 5.1 in 2^18 (past L2)
 
 
 def in_pieces(step, *arrays):

@@ -7,8 +7,9 @@ One step, for step = start .. max_steps - 1:
         split its B rows into W shards                 W = workers, run at once (parallel.py)
         loss, g = model.loss_and_grads(x, y, rng, scale=w)    w: the shard's share of the step's loss
         opt.sum_grads(the shards' g)                   = the gradient of the mean over the A micro-batches
-    norm      = opt.clip_grads(grad_clip)              NaN or inf here -> stop, no update
-    opt.step(lr=lr_at(step))                           AdamW on the gradients summed above
+    norm      = opt.grad_norm()                        NaN or inf here -> stop, no update
+    opt.step(lr=lr_at(step), grad_scale=clip_coef(norm, grad_clip))
+                                                       clipping and AdamW, in one pass over memory
     every eval_interval steps:       val_loss over fixed held-out batches
     every step:                      a row in RUN_DIR/metrics.jsonl
     every checkpoint_interval steps: model.safetensors, then train_state.safetensors
@@ -40,7 +41,7 @@ from .config import (NON_NEGATIVE, POSITIVE, PROBABILITY, GPTConfig, number, one
                      validate)
 from .data import STREAM_DROPOUT
 from .errors import TinygenError
-from .optim import AdamW, lr_at
+from .optim import AdamW, clip_coef, lr_at
 from .plumbing.lock import run_lock
 from .plumbing.memory import reuse_freed_memory_by_default
 from .plumbing.metrics import MetricsLog, read_metrics, truncate_after
@@ -219,11 +220,13 @@ def _loop(*, model, opt, workers, batches, config, run_dir, val_batches, resume,
             with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught just below
                 train_loss = accumulate_grads(model, opt, batches(step), workers=workers, config=config, step=step,
                                               measured=measured)
-                norm = opt.clip_grads(config.grad_clip) if config.grad_clip > 0 else opt.grad_norm()
+                norm = opt.grad_norm()
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 progress.close()
                 raise TrainingDiverged(_diverged(step=step + 1, loss=train_loss, norm=norm, run_dir=run_dir))
-            opt.step(lr=lr)  # the gradients accumulate_grads summed into the optimizer's buffer
+            # the gradients accumulate_grads summed into the optimizer's buffer, clipped inside the update
+            # (the bits of opt.clip_grads then opt.step, one pass over memory fewer)
+            opt.step(lr=lr, grad_scale=clip_coef(norm, config.grad_clip) if config.grad_clip > 0 else 1.0)
             dt, done = time.perf_counter() - t0, step + 1
             is_eval = bool(val_batches) and (done % config.eval_interval == 0 or done == config.max_steps)
             if is_eval:
