@@ -2,50 +2,64 @@
 
     python benchmarks/bench_limits.py                  # S, M, L; 3 rounds
     python benchmarks/bench_limits.py --configs M --rounds 5
+    python benchmarks/bench_limits.py --skip-gemm      # the GIL part only (no PyTorch needed)
 
 Two measurements, each side in its own process, interleaved (A B A B ...):
 
-gemm   The matrix products of one shard of a training step (B / 2 rows, as each of
-       the two worker threads runs them), on one thread: for every linear layer
-       (c_attn, attn.c_proj, c_fc, mlp.c_proj) and the tied head, the forward
-       x @ w, the input gradient dout @ w^T and the weight gradient x^T @ dout.
-       NumPy (its bundled OpenBLAS) against PyTorch (MKL). The FLOP-weighted
-       ratio says how much faster tinygen's step would be on PyTorch's BLAS
-       with nothing else changed: the matrix products are ~75-90 % of the step.
+gemm   Every matrix product of one shard's training step (B / 2 rows, as each of
+       the two worker threads runs them), on one thread. Per block: each linear
+       layer's (c_attn, attn.c_proj, c_fc, mlp.c_proj) forward x @ w, input
+       gradient dout @ w^T and weight gradient x^T @ dout, and the attention's
+       batched products over the blocks of 64 query rows tinygen.attention
+       computes (scores q k^T and att v forward; four of the same size
+       backward); then the tied head's three. NumPy (its bundled OpenBLAS)
+       against PyTorch (MKL). Totals count every block (n_layer times the
+       per-block products), so the FLOP-weighted ratio is the speed of all of a
+       step's products on NumPy's BLAS relative to PyTorch's.
 
 gil    A chain of NumPy calls (x * 2, then + 1, in place) on arrays of `n`
-       elements: microseconds per call on one thread alone, on two threads at
-       once (each its own arrays: the sharded API's situation), and in two
-       processes at once (no shared GIL). Every call releases the GIL for its
-       loop and takes it back, so two threads hand it to each other at every
-       call; the difference between the thread and process columns is what
-       that hand-over costs.
+       elements, ~0.3 s of it: microseconds per call on one thread alone; on two
+       threads of one process at once, each with its own arrays (the sharded
+       API's situation); and in two processes at once (no shared GIL; both
+       warmed up, then started together). "CPUs busy" is the threads' process
+       CPU time over the wall time: 2.0 is two calls running at once all along,
+       1.0 is none overlapping.
 
 Prints a table per measurement, then one JSON line. PyTorch is needed for the
 gemm comparison only (`pip install torch==2.13.0`; never a tinygen dependency).
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repo root on sys.path too)
 
-GIL_SIZES = (1 << 12, 1 << 15, 1 << 17)  # elements per call: S-sized pieces to PIECE (512 KiB of float32); much
-#                                          larger calls stream memory and measure its bandwidth, not the GIL
+GIL_SIZES = (1 << 12, 1 << 15, 1 << 17)  # elements per call: S-sized pieces up to PIECE (512 KiB of float32)
+GIL_SECONDS = 0.3  # of chain per measurement, on one thread
+QUERY_BLOCK = 64  # tinygen.attention.BLOCK, the attention's query rows per block
 
 
 def gemm_shapes(cfg: dict, workers: int = 2) -> list:
-    """(label, rows, K, N) of each matrix product of one shard's linear layers and head."""
-    C, V = cfg["n_embd"], cfg["vocab_size"]
-    rows = max(1, cfg["batch_size"] // workers) * cfg["block_size"]
-    return [("c_attn", rows, C, 3 * C), ("attn.c_proj", rows, C, C), ("c_fc", rows, C, 4 * C),
-            ("mlp.c_proj", rows, 4 * C, C), ("head", rows, C, V)]
+    """(label, batch, rows, K, N, count) of one shard's step: `batch` stacked (rows, K) @ (K, N)
+    products, `count` times a step (n_layer for a block's, 1 for the head's)."""
+    C, V, T, H, L = cfg["n_embd"], cfg["vocab_size"], cfg["block_size"], cfg["n_head"], cfg["n_layer"]
+    B = max(1, cfg["batch_size"] // workers)
+    rows, D = B * T, C // H
+    shapes = [("c_attn", 1, rows, C, 3 * C, L), ("attn.c_proj", 1, rows, C, C, L), ("c_fc", 1, rows, C, 4 * C, L),
+              ("mlp.c_proj", 1, rows, 4 * C, C, L)]
+    for lo in range(0, T, QUERY_BLOCK):  # query rows [lo, hi) see keys [0, hi)
+        hi = min(lo + QUERY_BLOCK, T)
+        shapes.append((f"attention[{lo}:{hi}]", B * H, hi - lo, D, hi, L))  # (Tq, D) @ (D, hi): q k^T
+    return shapes + [("head", 1, rows, C, V, 1)]
 
 
 def gemm_child(config: str, side: str, reps: int = 7) -> dict:
-    """Median ms of each product of gemm_shapes on one thread, NumPy or PyTorch."""
+    """Median ms of each product of gemm_shapes on one thread (fwd, dx, dw), NumPy or PyTorch."""
     import contextlib
 
     import numpy as np
@@ -63,21 +77,29 @@ def gemm_child(config: str, side: str, reps: int = 7) -> dict:
         wrap, one_thread = (lambda a: a), one_blas_thread.scope(openblas_threads_api())
     out = {}
     with one_thread:
-        for label, rows, K, N in gemm_shapes(cfg) * 2:  # the first pass is a warm-up: a library's first
-            # products of a process pay its set-up (MKL's first call of each shape ran at half speed)
-            x, w, d = (wrap(rng.standard_normal(s, dtype=np.float32)) for s in ((rows, K), (K, N), (rows, N)))
-            for kind, fn in (("fwd", lambda: x @ w), ("dx", lambda: d @ w.T), ("dw", lambda: x.T @ d)):
+        for label, batch, rows, K, N, count in gemm_shapes(cfg) * 2:  # the first pass is a warm-up: a library's
+            # first products of a process pay its set-up (MKL's first call of each shape ran at half speed)
+            x, w, d = (wrap(rng.standard_normal((batch,) + s, dtype=np.float32)) for s in ((rows, K), (K, N), (rows, N)))
+            if batch == 1:
+                x, w, d = x[0], w[0], d[0]
+            # x @ w, d @ w^T (the input's gradient), x^T @ d (the weight's): for the attention the same three
+            # sizes are its forward's q k^T, att v and its backward's four products (dv, d att, dq, dk)
+            for kind, fn in (("fwd", lambda: x @ w), ("dx", lambda: d @ w.swapaxes(-1, -2)),
+                             ("dw", lambda: x.swapaxes(-1, -2) @ d)):
                 fn()
                 samples = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     fn()
                     samples.append((time.perf_counter() - t0) * 1e3)
-                out[f"{label}.{kind}"] = {"ms": common.median(samples), "gflop": 2 * rows * K * N / 1e9}
+                out[f"{label}.{kind}"] = {"ms": common.median(samples), "gflop": 2 * batch * rows * K * N / 1e9,
+                                          "count": count * (2 if label.startswith("attention") else 1)}
     return {"config": config, "side": side, "products": out}
 
 
-def _chain(a, b, calls: int):
+# ------------------------------------------------------------------- the GIL
+def chain(a, b, calls: int) -> None:
+    """`calls` NumPy calls on (n,) float32 arrays, in place, each releasing the GIL for its loop."""
     import numpy as np
 
     for _ in range(calls // 2):
@@ -85,41 +107,127 @@ def _chain(a, b, calls: int):
         b += 1.0
 
 
-def gil_child(mode: str, n: int, calls: int) -> dict:
-    """us per call of the chain: mode 'one' (one thread), 'threads' (two at once, this process)."""
-    import threading
-
+def calls_for(n: int) -> int:
+    """Calls of `chain` on n elements that take ~GIL_SECONDS on one thread (timed here, warm)."""
     import numpy as np
 
-    arrays = [(np.ones(n, np.float32), np.empty(n, np.float32)) for _ in range(2)]
-    _chain(*arrays[0], calls // 10)  # warm-up: pages touched, ufunc loops resolved
+    a, b = np.ones(n, np.float32), np.zeros(n, np.float32)
+    chain(a, b, 200)
     t0 = time.perf_counter()
-    if mode == "one":
-        _chain(*arrays[0], calls)
-    else:
-        threads = [threading.Thread(target=_chain, args=(a, b, calls)) for a, b in arrays]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return {"us_per_call": (time.perf_counter() - t0) / calls * 1e6}
+    chain(a, b, 200)
+    return max(200, int(GIL_SECONDS / ((time.perf_counter() - t0) / 200)) // 2 * 2)
+
+
+def gil_child(mode: str, n: int, calls: int) -> dict:
+    """us per call of the chain: mode 'one' (one thread) or 'threads' (two at once, started together)."""
+    import numpy as np
+
+    k = 1 if mode == "one" else 2
+    arrays = [(np.ones(n, np.float32), np.zeros(n, np.float32)) for _ in range(k)]
+    for a, b in arrays:
+        chain(a, b, 200)  # warm-up: every page touched, the ufunc loops resolved
+    start = threading.Barrier(k + 1)
+
+    def run(a, b):
+        start.wait()
+        chain(a, b, calls)
+
+    threads = [threading.Thread(target=run, args=ab) for ab in arrays]
+    for t in threads:
+        t.start()
+    cpu0 = time.process_time()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"us_per_call": wall / calls * 1e6, "cpus_busy": (time.process_time() - cpu0) / wall}
+
+
+_PROCESS_CODE = (
+    "import sys, time, numpy as np; sys.path[:0] = [{bench!r}]; import bench_limits as m; "
+    "a, b = np.ones({n}, np.float32), np.zeros({n}, np.float32); m.chain(a, b, 200); "
+    "print('ready', flush=True); sys.stdin.readline(); t0 = time.perf_counter(); m.chain(a, b, {calls}); "
+    "t1 = time.perf_counter(); print(t0, t1, flush=True)"
+)
 
 
 def gil_processes(n: int, calls: int) -> float:
-    """us per call with two processes running the chain at once (started together, timed inside)."""
-    import subprocess
+    """us per call with two processes running the chain at once: both warm, then told to go together.
+    Raises unless both finished and their timed windows overlapped by 90 % or more."""
+    code = _PROCESS_CODE.format(bench=common.BENCH_DIR, n=n, calls=calls)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("a gil_processes child failed before its timed run")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    windows = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0 or not out.strip():
+            raise RuntimeError(f"a gil_processes child exited with {p.returncode}")
+        windows.append(tuple(map(float, out.split())))
+    (s0, e0), (s1, e1) = windows
+    overlap = (min(e0, e1) - max(s0, s1)) / max(e0 - s0, e1 - s1)
+    if overlap < 0.9:
+        raise RuntimeError(f"the two processes' timed runs overlapped {overlap:.0%} only; rerun on a quieter machine")
+    return max(e - s for s, e in windows) / calls * 1e6
 
-    code = ("import sys, time, numpy as np; sys.path[:0] = [{b!r}]; import bench_limits as m; "
-            "a, b = np.ones({n}, np.float32), np.empty({n}, np.float32); m._chain(a, b, {w}); "
-            "t = time.perf_counter(); m._chain(a, b, {c}); print((time.perf_counter() - t) / {c} * 1e6)")
-    code = code.format(b=common.BENCH_DIR, n=n, c=calls, w=calls // 10)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    return max(float(p.communicate()[0]) for p in procs)
+
+# ---------------------------------------------------------------- reporting
+def gemm_table(configs: list, rounds: int, record: dict) -> str:
+    rows = []
+    for config in configs:
+        runs = {"numpy": [], "torch": []}
+        for r in range(rounds):
+            for side in ("numpy", "torch"):
+                common.progress(f"round {r + 1}/{rounds}: gemm {config} {side} ...")
+                runs[side].append(common.run_in_subprocess("bench_limits:gemm_child", {"config": config, "side": side}))
+        products = runs["numpy"][0]["products"]
+        med = {side: {k: common.median([run["products"][k]["ms"] for run in runs[side]]) for k in products}
+               for side in runs}
+        groups = {}  # the per-block attention products shown as one line per kind
+        for k, p in products.items():
+            label = "attention" + k[k.index("."):] if k.startswith("attention") else k
+            g = groups.setdefault(label, {"gflop": 0.0, "numpy": 0.0, "torch": 0.0})
+            g["gflop"] += p["gflop"] * p["count"]
+            for side in ("numpy", "torch"):
+                g[side] += med[side][k] * p["count"]
+        for label, g in groups.items():
+            rows.append([config, label, f"{g['gflop']:.2f}", f"{g['gflop'] / g['numpy'] * 1e3:.0f}",
+                         f"{g['gflop'] / g['torch'] * 1e3:.0f}", f"{g['torch'] / g['numpy']:.2f}"])
+        total = {k: sum(g[k] for g in groups.values()) for k in ("gflop", "numpy", "torch")}
+        rows.append([config, "all of the step's products", f"{total['gflop']:.1f}",
+                     f"{total['gflop'] / total['numpy'] * 1e3:.0f}", f"{total['gflop'] / total['torch'] * 1e3:.0f}",
+                     f"{total['torch'] / total['numpy']:.2f}"])
+        record["gemm"][config] = {"numpy_ms": total["numpy"], "torch_ms": total["torch"], "gflop": total["gflop"],
+                                  "numpy_speed_over_torch": total["torch"] / total["numpy"]}
+    return common.format_table(["config", "products of one shard's step (one thread)", "GFLOP", "NumPy GFLOP/s",
+                                "PyTorch GFLOP/s", "NumPy speed / PyTorch's"], rows)
 
 
-def calls_for(n: int) -> int:
-    """Enough calls for ~0.3 s of work on one thread."""
-    return max(200, int(3e8 // max(n, 1 << 12) // 10) * 2)
+def gil_table(rounds: int, record: dict) -> str:
+    rows = []
+    for n in GIL_SIZES:
+        calls = calls_for(n)
+        per = {"one": [], "threads": [], "busy": [], "processes": []}
+        for r in range(rounds):
+            common.progress(f"round {r + 1}/{rounds}: gil n={n} ({calls} calls) ...")
+            per["one"].append(common.run_in_subprocess("bench_limits:gil_child",
+                                                       {"mode": "one", "n": n, "calls": calls})["us_per_call"])
+            both = common.run_in_subprocess("bench_limits:gil_child", {"mode": "threads", "n": n, "calls": calls})
+            per["threads"].append(both["us_per_call"])
+            per["busy"].append(both["cpus_busy"])
+            per["processes"].append(gil_processes(n, calls))
+        one, threads, busy, procs = (common.median(per[k]) for k in ("one", "threads", "busy", "processes"))
+        rows.append([f"{n:,}", f"{one:.1f}", f"{threads:.1f}", f"{busy:.2f}", f"{procs:.1f}"])
+        record["gil"].append({"n": n, "calls": calls, "one_us": one, "two_threads_us": threads,
+                              "two_threads_cpus_busy": busy, "two_processes_us": procs})
+    return common.format_table(["elements per call", "one thread, us", "two threads, us", "CPUs busy (threads)",
+                                "two processes, us"], rows)
 
 
 def main(argv=None) -> int:
@@ -129,55 +237,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="processes per side, interleaved (default 3)")
     ap.add_argument("--skip-gemm", action="store_true", help="only the GIL measurement (no PyTorch needed)")
     args = ap.parse_args(argv)
-    configs = common.parse_configs(args.configs)
     record = {"benchmark": "bench_limits", "machine": common.machine_info(), "gemm": {}, "gil": []}
-
     if not args.skip_gemm:
-        rows = []
-        for config in configs:
-            runs = {"numpy": [], "torch": []}
-            for r in range(args.rounds):
-                for side in ("numpy", "torch"):
-                    common.progress(f"round {r + 1}/{args.rounds}: gemm {config} {side} ...")
-                    runs[side].append(common.run_in_subprocess("bench_limits:gemm_child",
-                                                               {"config": config, "side": side}))
-            products = runs["numpy"][0]["products"]
-            med = {side: {k: common.median([run["products"][k]["ms"] for run in runs[side]]) for k in products}
-                   for side in runs}
-            for k, p in products.items():
-                rows.append([config, k, f"{p['gflop']:.2f}", common.fmt(p["gflop"] / med["numpy"][k] * 1e3, ".0f"),
-                             common.fmt(p["gflop"] / med["torch"][k] * 1e3, ".0f"),
-                             common.fmt(med["torch"][k] / med["numpy"][k], ".2f")])
-            total = {side: sum(med[side].values()) for side in med}
-            rows.append([config, "all (FLOP-weighted)", f"{sum(p['gflop'] for p in products.values()):.2f}",
-                         "", "", common.fmt(total["torch"] / total["numpy"], ".2f")])
-            record["gemm"][config] = {"numpy_ms": med["numpy"], "torch_ms": med["torch"],
-                                      "torch_over_numpy_time": total["torch"] / total["numpy"]}
-        table = common.format_table(["config", "product (one shard, one thread)", "GFLOP", "NumPy GFLOP/s",
-                                     "PyTorch GFLOP/s", "NumPy speed / PyTorch's"], rows)
-        print("matrix products: NumPy (OpenBLAS) vs PyTorch (MKL), one thread, medians over "
-              f"{args.rounds} interleaved processes each")
+        table = gemm_table(common.parse_configs(args.configs), args.rounds, record)
+        print(f"matrix products: NumPy (OpenBLAS) vs PyTorch (MKL), one thread, medians over {args.rounds} "
+              "interleaved processes each; a line's GFLOP and times add up every block")
         print(table)
-
-    rows = []
-    for n in GIL_SIZES:
-        calls = calls_for(n)
-        per = {"one": [], "threads": [], "processes": []}
-        for r in range(args.rounds):
-            common.progress(f"round {r + 1}/{args.rounds}: gil n={n} ...")
-            for mode in ("one", "threads"):
-                per[mode].append(common.run_in_subprocess("bench_limits:gil_child",
-                                                          {"mode": mode, "n": n, "calls": calls})["us_per_call"])
-            per["processes"].append(gil_processes(n, calls))
-        one, threads, procs = (common.median(per[k]) for k in ("one", "threads", "processes"))
-        rows.append([f"{n:,}", f"{one:.1f}", f"{threads:.1f}", f"{procs:.1f}", f"{threads - procs:+.1f}"])
-        record["gil"].append({"n": n, "one_us": one, "two_threads_us": threads, "two_processes_us": procs})
-    print("\nthe GIL: us per NumPy call of a chain, one thread alone / two threads at once / two processes at once")
-    print(common.format_table(["elements per call", "one thread", "two threads", "two processes",
-                               "threads - processes"], rows))
+        print()
+    table = gil_table(args.rounds, record)
+    print("the GIL: us per NumPy call of a chain (each thread or process its own calls), "
+          "one thread alone / two threads at once / two processes at once")
+    print(table)
     print(f"1-min load average before the run: {record['machine']['loadavg_1min']:.2f}")
-    import json
-
     print(json.dumps(record, sort_keys=True))
     return 0
 

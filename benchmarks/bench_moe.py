@@ -66,7 +66,7 @@ def step_child(name: str, steps: int, warmup: int, seed: int = 0) -> dict:
     import numpy as np
 
     from tinygen.gpt import GPT
-    from tinygen.optim import AdamW
+    from tinygen.optim import AdamW, clip_coef
     from tinygen.plumbing.memory import reuse_freed_memory
     from tinygen.plumbing.parallel import Workers, default_workers
     from tinygen.train import TrainConfig, accumulate_grads
@@ -88,8 +88,7 @@ def step_child(name: str, steps: int, warmup: int, seed: int = 0) -> dict:
             t0 = time.perf_counter()
             accumulate_grads(model, opt, batch, workers=workers, config=train_config, step=i)
             t1 = time.perf_counter()
-            opt.clip_grads(common.CLIP)
-            opt.step(lr=common.LR)
+            opt.step(lr=common.LR, grad_scale=clip_coef(opt.grad_norm(), common.CLIP))  # as train's loop
             if i >= warmup:
                 samples.append(((time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3))
     step_ms = common.median([s for s, _ in samples])

@@ -180,7 +180,7 @@ def summarize(cfg_name: str, runs: list, malloc: str = "reuse") -> dict:
 
 
 def table(summaries) -> str:
-    headers = ["config", "ms/step", "spread", "fwd+bwd ms", "fwd ms", "bwd ms", "clip ms", "AdamW ms",
+    headers = ["config", "ms/step", "spread", "fwd+bwd ms", "fwd ms", "bwd ms", "norm ms", "AdamW ms",
                "opt ms", "tokens/s", "GFLOP/s", "peak GFLOP/s", "MFU", "peak RSS MiB", "CPU ms/step"]
     rows = []
     for s in summaries:
@@ -240,7 +240,7 @@ def main(argv=None):
                 dict(config=n, steps=steps, warmup=warmup, fwd_split=not a.no_fwd_split,
                      workers=a.workers, reuse_memory=m == "reuse"), env))
     summaries = [summarize(n, runs[n, m], m) for n, m in runs]
-    title = (f"tinygen training step (fwd+bwd = train.accumulate_grads over the worker threads; opt = clip + AdamW), "
+    title = (f"tinygen training step (fwd+bwd = train.accumulate_grads over the worker threads; opt = norm + AdamW with the clipping inside), "
              f"medians over {a.rounds} interleaved processes per config; MFU vs numpy matmul peak of the same dtype; "
              f"1-min load average before the run: {machine['loadavg_1min']:.2f}")
     common.print_report(title, table(summaries),

@@ -200,14 +200,19 @@ def test_sum_grads_sums_shard_dicts_by_ranges_into_the_buffer(n_workers):
 
 @pytest.mark.parametrize("n_workers", [1, 2])
 @pytest.mark.parametrize("max_norm", [0.5, 1e9])  # clipped, and left alone (coef 1)
-def test_step_with_grad_scale_is_clip_grads_then_step(n_workers, max_norm):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_with_grad_scale_is_clip_grads_then_step(monkeypatch, n_workers, max_norm, dtype):
     """The training loop's step(grad_scale=clip_coef(grad_norm(), max_norm)) scales each piece
     of the buffer inside the update: the same bits as clip_grads(max_norm) then step(), buffer
-    left clipped too."""
+    left clipped too. Pieces of 16 elements (the buffer's ~120 in several pieces per thread,
+    the weight-decay boundary inside one)."""
+    from tinygen import optim
     from tinygen.plumbing.parallel import Workers
 
+    monkeypatch.setattr(optim, "CHUNK", 16)
+    monkeypatch.setattr(optim, "THREADED_CHUNK", 16)
     rng = np.random.default_rng(13)
-    params = make_params(rng, np.float32)
+    params = make_params(rng, dtype)
     grads = [make_grads(rng, params) for _ in range(3)]
     with Workers(n_workers) as workers:
         fused = AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2, workers=workers)

@@ -196,6 +196,7 @@ def test_adamw_on_threads_and_in_chunks_gives_the_bits_of_one_pass(monkeypatch, 
 
     def train(n, chunk_size):
         monkeypatch.setattr(optim, "CHUNK", chunk_size)
+        monkeypatch.setattr(optim, "THREADED_CHUNK", chunk_size)
         params = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32) for k, s in shapes.items()}
         with Workers(n) as workers:
             opt = AdamW(params, lr=1e-2, workers=workers)

@@ -24,8 +24,10 @@ Contract:
   get no optimizer state.
 - The optimizer owns its buffers' layout; a training loop talks to it by
   name: `sum_grads([grads, ...])` sums the shards' gradient dicts into the
-  flat gradient buffer (each worker thread one range of it), `clip_grads` /
-  `grad_norm` measure and clip that buffer, and `step(lr=...)` applies it.
+  flat gradient buffer (each worker thread one range of it), `grad_norm`
+  measures that buffer, and `step(lr=..., grad_scale=clip_coef(norm, max_norm))`
+  clips it and applies it in one pass (`clip_grads` then `step(lr=...)` gives
+  the same bits in two).
   `step(grads, lr)` also takes any dict with the parameters' keys, shapes
   and dtype, copied in first; `opt.grads` is a dict of views into the
   gradient buffer, for a loop that writes gradients in place.
@@ -44,10 +46,11 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ adds this to the norm
 CHUNK = 1 << 15  # elements per piece of an AdamW update: its five (CHUNK,) float32 slices (640 KiB)
 #                  fit in a 2 MiB L2 with room to spare. One step over M's 11.5M parameters, one
 #                  thread: 62 ms of CPU in pieces of 2^18 (5 MiB, past L2), 50 ms in pieces of 2^15
-THREADED_CHUNK = 4  # on worker threads, pieces of THREADED_CHUNK * CHUNK: each NumPy call releases the GIL
-#                     and takes it back, and two threads taking turns wait for each other there, ~10 us a
-#                     call. A piece of 2^15 is ~5 us of work per call, so two threads ran no faster than
-#                     one; pieces of 2^17: GPT-2 small's step 317 -> 207 ms on 2 threads, M's 29 -> 20 ms
+THREADED_CHUNK = 1 << 17  # elements per piece on worker threads: fewer NumPy calls, each of which takes the
+#                          GIL back when its loop ends (two threads often wait for each other there), at the
+#                          price of L2 (five 512 KiB slices are past 2 MiB). M's update on 2 threads: 29 / 22.5
+#                          / 20 / 19 ms in pieces of 2^15 / 2^16 / 2^17 / 2^18; GPT-2 small's 317 / - / 207 /
+#                          203 ms, 264 in pieces of 2^20
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class AdamW:
     updated in cache-sized pieces of CHUNK elements (a whole-buffer op per
     line would stream all of p, g, m, v through memory ~15 times) and, given
     `workers` (tinygen.plumbing.parallel.Workers), in one contiguous range per
-    thread. The result is the same bits either way.
+    thread, in pieces of THREADED_CHUNK. The result is the same bits either way.
 
     `trainable`: None (all), a predicate on the name, or a collection of names.
     `decay(name, p)`: which trainable parameters get weight decay; by default
@@ -290,13 +293,13 @@ class AdamW:
 
     def _update(self, start: int, stop: int, lr: float, grad_scale: float = 1.0) -> None:
         """The update of elements [start, stop) of the flat buffers, CHUNK at a time
-        (THREADED_CHUNK * CHUNK on worker threads)."""
+        (THREADED_CHUNK on worker threads)."""
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.t
         bias_correction2 = 1 - beta2**self.t
         step_size = lr / bias_correction1
         decay = 1 - lr * self.weight_decay
-        chunk = CHUNK if self._threads == 1 else THREADED_CHUNK * CHUNK
+        chunk = CHUNK if self._threads == 1 else THREADED_CHUNK
         scratch = np.empty(min(chunk, stop - start), dtype=self.flat.buffer.dtype)  # this thread's, one piece
         # (a whole (N,) scratch buffer would be one more copy of the model: 497 MB on GPT-2 small)
         for lo in range(start, stop, chunk):

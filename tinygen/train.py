@@ -10,6 +10,7 @@ One step, for step = start .. max_steps - 1:
     norm      = opt.grad_norm()                        NaN or inf here -> stop, no update
     opt.step(lr=lr_at(step), grad_scale=clip_coef(norm, grad_clip))
                                                        clipping and AdamW, in one pass over memory
+                                                       (grad_scale 1 when grad_clip is 0: no clipping)
     every eval_interval steps:       val_loss over fixed held-out batches
     every step:                      a row in RUN_DIR/metrics.jsonl
     every checkpoint_interval steps: model.safetensors, then train_state.safetensors
