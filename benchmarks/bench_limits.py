@@ -23,7 +23,10 @@ gil    A chain of NumPy calls (x * 2, then + 1, in place) on arrays of `n`
        API's situation); and in two processes at once (no shared GIL; both
        warmed up, then started together). "CPUs busy" is the threads' process
        CPU time over the wall time: 2.0 is two calls running at once all along,
-       1.0 is none overlapping.
+       1.0 is none overlapping. Then the same three ways for the model itself
+       (configs S and M): `model.loss` on one shard of B / 2 rows alone, one
+       shard in each of two processes at once, and the default call on the
+       whole batch (two shards on two threads).
 
 Prints a table per measurement, then one JSON line. PyTorch is needed for the
 gemm comparison only (`pip install torch==2.13.0`; never a tinygen dependency).
@@ -144,7 +147,31 @@ def gil_child(mode: str, n: int, calls: int) -> dict:
     return {"us_per_call": wall / calls * 1e6, "cpus_busy": (time.process_time() - cpu0) / wall}
 
 
-_PROCESS_CODE = (
+def together(codes: list) -> list:
+    """Run `python -c code` for each code at once, each warming up, printing "ready", waiting for a
+    line on stdin, then printing "t0 t1" around its timed work. Returns their (t0, t1) windows.
+    Raises unless every child finished and the windows overlapped by 90 % or more."""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for code in codes]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("a child failed before its timed run")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    windows = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0 or not out.strip():
+            raise RuntimeError(f"a child exited with {p.returncode}")
+        windows.append(tuple(map(float, out.split())))  # t0, t1 and whatever the child adds
+    overlap = (min(w[1] for w in windows) - max(w[0] for w in windows)) / max(w[1] - w[0] for w in windows)
+    if overlap < 0.9:
+        raise RuntimeError(f"the children's timed runs overlapped {overlap:.0%} only; rerun on a quieter machine")
+    return windows
+
+
+_CHAIN_CODE = (
     "import sys, time, numpy as np; sys.path[:0] = [{bench!r}]; import bench_limits as m; "
     "a, b = np.ones({n}, np.float32), np.zeros({n}, np.float32); m.chain(a, b, 200); "
     "print('ready', flush=True); sys.stdin.readline(); t0 = time.perf_counter(); m.chain(a, b, {calls}); "
@@ -153,28 +180,63 @@ _PROCESS_CODE = (
 
 
 def gil_processes(n: int, calls: int) -> float:
-    """us per call with two processes running the chain at once: both warm, then told to go together.
-    Raises unless both finished and their timed windows overlapped by 90 % or more."""
-    code = _PROCESS_CODE.format(bench=common.BENCH_DIR, n=n, calls=calls)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    for p in procs:
-        if p.stdout.readline().strip() != "ready":
-            raise RuntimeError("a gil_processes child failed before its timed run")
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    windows = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode != 0 or not out.strip():
-            raise RuntimeError(f"a gil_processes child exited with {p.returncode}")
-        windows.append(tuple(map(float, out.split())))
-    (s0, e0), (s1, e1) = windows
-    overlap = (min(e0, e1) - max(s0, s1)) / max(e0 - s0, e1 - s1)
-    if overlap < 0.9:
-        raise RuntimeError(f"the two processes' timed runs overlapped {overlap:.0%} only; rerun on a quieter machine")
-    return max(e - s for s, e in windows) / calls * 1e6
+    """us per call with two processes running the chain at once (both warm, started together)."""
+    code = _CHAIN_CODE.format(bench=common.BENCH_DIR, n=n, calls=calls)
+    return max(w[1] - w[0] for w in together([code, code])) / calls * 1e6
+
+
+# ------------------------------------------------------- the GIL, in the model
+MODEL_CALLS = {"S": 200, "M": 10}  # timed `loss` calls per measurement (S: ~3 s)
+
+
+def half_batch(config: str):
+    """(x, y) of one of two shards: the first B / 2 rows of the benchmark batch."""
+    x, y = common.make_batch(common.config_by_name(config), 0)
+    return x[: len(x) // 2], y[: len(y) // 2]
+
+
+def model_child(config: str, mode: str, calls: int) -> dict:
+    """Median ms of `model.loss`: mode 'shard' one shard (B / 2 rows) on one thread with one BLAS
+    thread, as each worker runs it; 'threads' the whole batch, the default call (two shard threads)."""
+    from tinygen import GPT
+    from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api
+
+    cfg = common.config_by_name(config)
+    model = GPT(common.gpt_config(cfg), seed=0)
+    if mode == "shard":
+        x, y = half_batch(config)
+        with one_blas_thread.scope(openblas_threads_api()):
+            return {"ms": timed(lambda: model.loss(x, y, workers=1), calls)}
+    x, y = common.make_batch(cfg, 0)
+    return {"ms": timed(lambda: model.loss(x, y), calls)}
+
+
+def timed(fn, calls: int) -> float:
+    """Median ms of `calls` calls after two untimed ones."""
+    fn(), fn()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return common.median(samples)
+
+
+_SHARD_CODE = (
+    "import sys, time; sys.path[:0] = [{bench!r}]; import bench_limits as m, common; "
+    "from tinygen import GPT; from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api; "
+    "model = GPT(common.gpt_config(common.config_by_name({config!r})), seed=0); x, y = m.half_batch({config!r}); "
+    "scope = one_blas_thread.scope(openblas_threads_api()); scope.__enter__(); "
+    "f = lambda: model.loss(x, y, workers=1); f(); f(); print('ready', flush=True); sys.stdin.readline(); "
+    "t0 = time.perf_counter(); ms = m.timed(f, {calls}); t1 = time.perf_counter(); print(t0, t1, ms, flush=True)"
+)
+
+
+def model_processes(config: str, calls: int) -> float:
+    """Median ms of one shard's `loss` in each of two processes running at once (the slower one)."""
+    code = _SHARD_CODE.format(bench=common.BENCH_DIR, config=config, calls=calls)
+    windows = together([code, code])
+    return max(w[2] for w in windows)
 
 
 # ---------------------------------------------------------------- reporting
@@ -230,14 +292,33 @@ def gil_table(rounds: int, record: dict) -> str:
                                 "two processes, us"], rows)
 
 
+def model_table(configs: list, rounds: int, record: dict) -> str:
+    rows = []
+    for config in configs:
+        calls = MODEL_CALLS.get(config, 3)
+        per = {"shard": [], "processes": [], "threads": []}
+        for r in range(rounds):
+            common.progress(f"round {r + 1}/{rounds}: model {config} ...")
+            per["shard"].append(common.run_in_subprocess("bench_limits:model_child",
+                                                         {"config": config, "mode": "shard", "calls": calls})["ms"])
+            per["processes"].append(model_processes(config, calls))
+            per["threads"].append(common.run_in_subprocess("bench_limits:model_child",
+                                                           {"config": config, "mode": "threads", "calls": calls})["ms"])
+        shard, procs, threads = (common.median(per[k]) for k in ("shard", "processes", "threads"))
+        rows.append([config, f"{shard:.1f}", f"{procs:.1f}", f"{threads:.1f}", f"{threads / procs - 1:+.0%}"])
+        record["model"][config] = {"shard_alone_ms": shard, "two_processes_ms": procs, "two_threads_ms": threads}
+    return common.format_table(["config", "one shard alone, ms", "two shards in two processes, ms",
+                                "two shards on two threads (the default call), ms", "threads vs processes"], rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="S,M,L", help="comma-separated, from S, M, L (default S,M,L)")
     ap.add_argument("--rounds", type=int, default=3, help="processes per side, interleaved (default 3)")
-    ap.add_argument("--skip-gemm", action="store_true", help="only the GIL measurement (no PyTorch needed)")
+    ap.add_argument("--skip-gemm", action="store_true", help="only the GIL measurements (no PyTorch needed)")
     args = ap.parse_args(argv)
-    record = {"benchmark": "bench_limits", "machine": common.machine_info(), "gemm": {}, "gil": []}
+    record = {"benchmark": "bench_limits", "machine": common.machine_info(), "gemm": {}, "gil": [], "model": {}}
     if not args.skip_gemm:
         table = gemm_table(common.parse_configs(args.configs), args.rounds, record)
         print(f"matrix products: NumPy (OpenBLAS) vs PyTorch (MKL), one thread, medians over {args.rounds} "
@@ -247,6 +328,11 @@ def main(argv=None) -> int:
     table = gil_table(args.rounds, record)
     print("the GIL: us per NumPy call of a chain (each thread or process its own calls), "
           "one thread alone / two threads at once / two processes at once")
+    print(table)
+    print()
+    table = model_table([c for c in common.parse_configs(args.configs) if c in MODEL_CALLS], args.rounds, record)
+    print("the GIL in the model: `model.loss` of a two-shard batch, one shard alone (one thread, one BLAS "
+          "thread), two shards in two processes at once, and the default sharded call")
     print(table)
     print(f"1-min load average before the run: {record['machine']['loadavg_1min']:.2f}")
     print(json.dumps(record, sort_keys=True))
