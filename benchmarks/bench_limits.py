@@ -150,7 +150,7 @@ def gil_child(mode: str, n: int, calls: int) -> dict:
 def together(codes: list) -> list:
     """Run `python -c code` for each code at once, each warming up, printing "ready", waiting for a
     line on stdin, then printing "t0 t1" around its timed work. Returns their (t0, t1) windows.
-    Raises unless every child finished and the windows overlapped by 90 % or more."""
+    Raises unless every child finished and the shortest window lay 90 % or more inside all the others."""
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True) for code in codes]
     for p in procs:
@@ -165,7 +165,7 @@ def together(codes: list) -> list:
         if p.returncode != 0 or not out.strip():
             raise RuntimeError(f"a child exited with {p.returncode}")
         windows.append(tuple(map(float, out.split())))  # t0, t1 and whatever the child adds
-    overlap = (min(w[1] for w in windows) - max(w[0] for w in windows)) / max(w[1] - w[0] for w in windows)
+    overlap = (min(w[1] for w in windows) - max(w[0] for w in windows)) / min(w[1] - w[0] for w in windows)
     if overlap < 0.9:
         raise RuntimeError(f"the children's timed runs overlapped {overlap:.0%} only; rerun on a quieter machine")
     return windows
