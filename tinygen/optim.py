@@ -419,7 +419,7 @@ def clip_coef(norm: float, max_norm: float) -> float:
     (0.199999960000008, 1.0, 1.0)
     """
     if not max_norm > 0:
-        raise TinygenError(f"clip_grad_norm max_norm must be > 0, got {max_norm!r}")
+        raise TinygenError(f"the clipping norm max_norm must be > 0, got {max_norm!r}")
     coef = max_norm / (norm + CLIP_EPS)
     return coef if math.isfinite(norm) and coef < 1 else 1.0
 
