@@ -15,7 +15,9 @@ gemm   Every matrix product of one shard's training step (B / 2 rows, as each of
        backward); then the tied head's three. NumPy (its bundled OpenBLAS)
        against PyTorch (MKL). Totals count every block (n_layer times the
        per-block products), so the FLOP-weighted ratio is the speed of all of a
-       step's products on NumPy's BLAS relative to PyTorch's.
+       step's products on NumPy's BLAS relative to PyTorch's. Then the whole
+       shard step on one thread, each side (tinygen's `loss_and_grads`,
+       PyTorch's zero_grad + forward + backward), and the products' share of it.
 
 gil    A chain of NumPy calls (x * 2, then + 1, in place) on arrays of `n`
        elements, ~0.3 s of it: microseconds per call on one thread alone; on two
@@ -97,7 +99,38 @@ def gemm_child(config: str, side: str, reps: int = 7) -> dict:
                     samples.append((time.perf_counter() - t0) * 1e3)
                 out[f"{label}.{kind}"] = {"ms": common.median(samples), "gflop": 2 * batch * rows * K * N / 1e9,
                                           "count": count * (2 if label.startswith("attention") else 1)}
-    return {"config": config, "side": side, "products": out}
+        step_ms = timed(shard_step(config, side), STEP_CALLS[config])
+    return {"config": config, "side": side, "products": out, "step_ms": step_ms}
+
+
+STEP_CALLS = {"S": 20, "M": 5, "L": 2}  # timed shard steps per process
+
+
+def shard_step(config: str, side: str):
+    """One shard's training forward + backward as a call: tinygen's `model.loss_and_grads(x, y,
+    workers=1)`, or PyTorch eager's zero_grad, forward, backward (compare_torch's model, same weights)."""
+    import numpy as np
+
+    from tinygen.model import init_params
+
+    cfg = common.config_by_name(config)
+    x, y = half_batch(config)
+    if side == "numpy":
+        from tinygen import GPT
+
+        model = GPT(common.gpt_config(cfg), seed=0)
+        return lambda: model.loss_and_grads(x, y, workers=1)
+    import torch
+    from compare_torch import torch_gpt
+
+    model = torch_gpt(cfg, init_params(common.gpt_config(cfg), np.random.default_rng(0)), sdpa=False)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(tx, ty).backward()
+
+    return step
 
 
 # ------------------------------------------------------------------- the GIL
@@ -147,15 +180,19 @@ def gil_child(mode: str, n: int, calls: int) -> dict:
     return {"us_per_call": wall / calls * 1e6, "cpus_busy": (time.process_time() - cpu0) / wall}
 
 
-def together(codes: list) -> list:
-    """Run `python -c code` for each code at once, each warming up, printing "ready", waiting for a
-    line on stdin, then printing "t0 t1" around its timed work. Returns their (t0, t1) windows.
+_TOGETHER_CODE = "import sys; sys.path[:0] = [{bench!r}]; import bench_limits; bench_limits.together_child()"
+
+
+def together(kind: str, args: dict, n: int = 2) -> list:
+    """Run n processes of `together_child(kind, args)` at once: each warms up, says it is ready and
+    waits; then all are told to go. Returns what each printed: (t0, t1, ...) around its timed work.
     Raises unless every child finished and the shortest window lay 90 % or more inside all the others."""
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True) for code in codes]
+    code = _TOGETHER_CODE.format(bench=common.BENCH_DIR)
+    procs = [subprocess.Popen([sys.executable, "-c", code, kind, json.dumps(args)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
     for p in procs:
         if p.stdout.readline().strip() != "ready":
-            raise RuntimeError("a child failed before its timed run")
+            raise RuntimeError(f"a {kind} child failed before its timed run")
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()
@@ -163,7 +200,7 @@ def together(codes: list) -> list:
     for p in procs:
         out, _ = p.communicate()
         if p.returncode != 0 or not out.strip():
-            raise RuntimeError(f"a child exited with {p.returncode}")
+            raise RuntimeError(f"a {kind} child exited with {p.returncode}")
         windows.append(tuple(map(float, out.split())))  # t0, t1 and whatever the child adds
     overlap = (min(w[1] for w in windows) - max(w[0] for w in windows)) / min(w[1] - w[0] for w in windows)
     if overlap < 0.9:
@@ -171,18 +208,44 @@ def together(codes: list) -> list:
     return windows
 
 
-_CHAIN_CODE = (
-    "import sys, time, numpy as np; sys.path[:0] = [{bench!r}]; import bench_limits as m; "
-    "a, b = np.ones({n}, np.float32), np.zeros({n}, np.float32); m.chain(a, b, 200); "
-    "print('ready', flush=True); sys.stdin.readline(); t0 = time.perf_counter(); m.chain(a, b, {calls}); "
-    "t1 = time.perf_counter(); print(t0, t1, flush=True)"
-)
+def together_child() -> None:
+    """One child of `together` (argv: kind, JSON args). kind "chain": `chain` on arrays of n elements,
+    `calls` calls; "shard": `model.loss` on one shard of `config`, one thread, one BLAS thread, `calls`
+    calls, printing their median ms after t0 and t1."""
+    import contextlib
+
+    import numpy as np
+
+    kind, args = sys.argv[1], json.loads(sys.argv[2])
+    with contextlib.ExitStack() as stack:
+        if kind == "chain":
+            a, b = np.ones(args["n"], np.float32), np.zeros(args["n"], np.float32)
+            chain(a, b, 200)  # warm-up
+
+            def run():
+                chain(a, b, args["calls"])
+        else:
+            from tinygen import GPT
+            from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api
+
+            model = GPT(common.gpt_config(common.config_by_name(args["config"])), seed=0)
+            x, y = half_batch(args["config"])
+            stack.enter_context(one_blas_thread.scope(openblas_threads_api()))
+            model.loss(x, y, workers=1)  # warm-up
+
+            def run():
+                return timed(lambda: model.loss(x, y, workers=1), args["calls"])  # warms up first
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t0 = time.perf_counter()
+        extra = run()
+        t1 = time.perf_counter()
+    print(t0, t1, *([] if extra is None else [extra]), flush=True)
 
 
 def gil_processes(n: int, calls: int) -> float:
     """us per call with two processes running the chain at once (both warm, started together)."""
-    code = _CHAIN_CODE.format(bench=common.BENCH_DIR, n=n, calls=calls)
-    return max(w[1] - w[0] for w in together([code, code])) / calls * 1e6
+    return max(w[1] - w[0] for w in together("chain", {"n": n, "calls": calls})) / calls * 1e6
 
 
 # ------------------------------------------------------- the GIL, in the model
@@ -222,26 +285,14 @@ def timed(fn, calls: int) -> float:
     return common.median(samples)
 
 
-_SHARD_CODE = (
-    "import sys, time; sys.path[:0] = [{bench!r}]; import bench_limits as m, common; "
-    "from tinygen import GPT; from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api; "
-    "model = GPT(common.gpt_config(common.config_by_name({config!r})), seed=0); x, y = m.half_batch({config!r}); "
-    "scope = one_blas_thread.scope(openblas_threads_api()); scope.__enter__(); "
-    "f = lambda: model.loss(x, y, workers=1); f(); f(); print('ready', flush=True); sys.stdin.readline(); "
-    "t0 = time.perf_counter(); ms = m.timed(f, {calls}); t1 = time.perf_counter(); print(t0, t1, ms, flush=True)"
-)
-
-
 def model_processes(config: str, calls: int) -> float:
     """Median ms of one shard's `loss` in each of two processes running at once (the slower one)."""
-    code = _SHARD_CODE.format(bench=common.BENCH_DIR, config=config, calls=calls)
-    windows = together([code, code])
-    return max(w[2] for w in windows)
+    return max(w[2] for w in together("shard", {"config": config, "calls": calls}))
 
 
 # ---------------------------------------------------------------- reporting
 def gemm_table(configs: list, rounds: int, record: dict) -> str:
-    rows = []
+    rows, steps = [], []
     for config in configs:
         runs = {"numpy": [], "torch": []}
         for r in range(rounds):
@@ -265,10 +316,18 @@ def gemm_table(configs: list, rounds: int, record: dict) -> str:
         rows.append([config, "all of the step's products", f"{total['gflop']:.1f}",
                      f"{total['gflop'] / total['numpy'] * 1e3:.0f}", f"{total['gflop'] / total['torch'] * 1e3:.0f}",
                      f"{total['torch'] / total['numpy']:.2f}"])
+        step = {side: common.median([run["step_ms"] for run in runs[side]]) for side in runs}
+        steps.append([config, f"{step['numpy']:.1f}", f"{total['numpy']:.1f} ({total['numpy'] / step['numpy']:.0%})",
+                      f"{step['torch']:.1f}", f"{total['torch']:.1f} ({total['torch'] / step['torch']:.0%})",
+                      f"{step['torch'] / step['numpy']:.2f}"])
         record["gemm"][config] = {"numpy_ms": total["numpy"], "torch_ms": total["torch"], "gflop": total["gflop"],
-                                  "numpy_speed_over_torch": total["torch"] / total["numpy"]}
-    return common.format_table(["config", "products of one shard's step (one thread)", "GFLOP", "NumPy GFLOP/s",
-                                "PyTorch GFLOP/s", "NumPy speed / PyTorch's"], rows)
+                                  "numpy_speed_over_torch": total["torch"] / total["numpy"],
+                                  "numpy_step_ms": step["numpy"], "torch_step_ms": step["torch"]}
+    products = common.format_table(["config", "products of one shard's step (one thread)", "GFLOP", "NumPy GFLOP/s",
+                                    "PyTorch GFLOP/s", "NumPy speed / PyTorch's"], rows)
+    return products + "\n\none shard's whole step (forward + backward), one thread, ms\n" + common.format_table(
+        ["config", "tinygen", "of which products (share)", "PyTorch", "of which products (share)",
+         "tinygen speed / PyTorch's"], steps)
 
 
 def gil_table(rounds: int, record: dict) -> str:
