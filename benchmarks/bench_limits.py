@@ -77,9 +77,7 @@ def gemm_child(config: str, side: str, reps: int = 7) -> dict:
         torch.set_num_threads(1)
         wrap, one_thread = torch.from_numpy, contextlib.nullcontext()
     else:
-        from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api
-
-        wrap, one_thread = (lambda a: a), one_blas_thread.scope(openblas_threads_api())
+        wrap, one_thread = (lambda a: a), one_blas_thread()
     out = {}
     with one_thread:
         for label, batch, rows, K, N, count in gemm_shapes(cfg) * 2:  # the first pass is a warm-up: a library's
@@ -91,13 +89,7 @@ def gemm_child(config: str, side: str, reps: int = 7) -> dict:
             # sizes are its forward's q k^T, att v and its backward's four products (dv, d att, dq, dk)
             for kind, fn in (("fwd", lambda: x @ w), ("dx", lambda: d @ w.swapaxes(-1, -2)),
                              ("dw", lambda: x.swapaxes(-1, -2) @ d)):
-                fn()
-                samples = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples.append((time.perf_counter() - t0) * 1e3)
-                out[f"{label}.{kind}"] = {"ms": common.median(samples), "gflop": 2 * batch * rows * K * N / 1e9,
+                out[f"{label}.{kind}"] = {"ms": timed(fn, reps), "gflop": 2 * batch * rows * K * N / 1e9,
                                           "count": count * (2 if label.startswith("attention") else 1)}
         step_ms = timed(shard_step(config, side), STEP_CALLS[config])
     return {"config": config, "side": side, "products": out, "step_ms": step_ms}
@@ -225,16 +217,12 @@ def together_child() -> None:
             def run():
                 chain(a, b, args["calls"])
         else:
-            from tinygen import GPT
-            from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api
-
-            model = GPT(common.gpt_config(common.config_by_name(args["config"])), seed=0)
-            x, y = half_batch(args["config"])
-            stack.enter_context(one_blas_thread.scope(openblas_threads_api()))
-            model.loss(x, y, workers=1)  # warm-up
+            loss = shard_loss(args["config"])
+            stack.enter_context(one_blas_thread())
+            loss()  # warm-up
 
             def run():
-                return timed(lambda: model.loss(x, y, workers=1), args["calls"])  # warms up first
+                return timed(loss, args["calls"])
         print("ready", flush=True)
         sys.stdin.readline()
         t0 = time.perf_counter()
@@ -258,24 +246,40 @@ def half_batch(config: str):
     return x[: len(x) // 2], y[: len(y) // 2]
 
 
+def shard_loss(config: str):
+    """One shard's `model.loss` (B / 2 rows, one stream) as a call; run it under one_blas_thread(),
+    as each worker thread does."""
+    from tinygen import GPT
+
+    model = GPT(common.gpt_config(common.config_by_name(config)), seed=0)
+    x, y = half_batch(config)
+    return lambda: model.loss(x, y, workers=1)
+
+
+def one_blas_thread():
+    """A `with` block holding OpenBLAS at one thread (tinygen's own scope, as its shard threads use)."""
+    from tinygen.plumbing.parallel import one_blas_thread as scope, openblas_threads_api
+
+    return scope.scope(openblas_threads_api())
+
+
 def model_child(config: str, mode: str, calls: int) -> dict:
     """Median ms of `model.loss`: mode 'shard' one shard (B / 2 rows) on one thread with one BLAS
     thread, as each worker runs it; 'threads' the whole batch, the default call (two shard threads)."""
+    if mode == "shard":
+        loss = shard_loss(config)
+        with one_blas_thread():
+            return {"ms": timed(loss, calls)}
     from tinygen import GPT
-    from tinygen.plumbing.parallel import one_blas_thread, openblas_threads_api
 
     cfg = common.config_by_name(config)
     model = GPT(common.gpt_config(cfg), seed=0)
-    if mode == "shard":
-        x, y = half_batch(config)
-        with one_blas_thread.scope(openblas_threads_api()):
-            return {"ms": timed(lambda: model.loss(x, y, workers=1), calls)}
     x, y = common.make_batch(cfg, 0)
     return {"ms": timed(lambda: model.loss(x, y), calls)}
 
 
 def timed(fn, calls: int) -> float:
-    """Median ms of `calls` calls after two untimed ones."""
+    """Median ms of `calls` calls after two untimed ones (a product's, a step's, a `loss`)."""
     fn(), fn()
     samples = []
     for _ in range(calls):
